@@ -1,0 +1,139 @@
+"""Shared test helpers: input factories with readable ids and one ``assert_close``."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import pytest
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One problem shape. ``ho``/``hko``/``do`` describe the old policy (teacher);
+    ``n_old`` is the number of cached old rows (the last rows of the query)."""
+
+    b: int = 2
+    hq: int = 4
+    hk: int = 2
+    tq: int = 37
+    tk: int = 37
+    d: int = 16
+    dv: int = 16
+    ho: int = 4
+    hko: int = 2
+    do: int = 16
+    n_old: int | None = None
+    causal: bool = True
+    divergence: str = "jsd"
+    head_reduction: str = "mean"
+    exclude_self: bool = False
+    query_mask: bool = False
+    key_mask: bool = False
+    lse_old: bool = False
+    sharp: float = 1.0
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.b}-H{self.hq}-K{self.hk}-T{self.tq}x{self.tk}-D{self.d}"]
+        if (self.ho, self.hko, self.do) != (self.hq, self.hk, self.d):
+            parts.append(f"old{self.ho}x{self.hko}x{self.do}")
+        if self.n_old is not None:
+            parts.append(f"R{self.n_old}")
+        parts.append("causal" if self.causal else "full")
+        parts += [self.divergence, self.head_reduction]
+        for flag in ("exclude_self", "query_mask", "key_mask", "lse_old"):
+            if getattr(self, flag):
+                parts.append(flag)
+        if self.sharp != 1.0:
+            parts.append(f"sharp{self.sharp:g}")
+        return "-".join(parts)
+
+
+def seed_of(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+def make_inputs(case: Case, dtype=torch.float64, seed: int = 0, device="cpu"):
+    """Fresh random inputs (never zeros). Masks leave some rows with no key when
+    ``key_mask`` is set (the whole second sequence's keys are masked out)."""
+    g = torch.Generator().manual_seed(seed)
+    n_old = case.tq if case.n_old is None else case.n_old
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    s = case.sharp
+    q = rnd(case.b, case.hq, case.tq, case.d, scale=s)
+    k = rnd(case.b, case.hk, case.tk, case.d)
+    v = rnd(case.b, case.hk, case.tk, case.dv)
+    q_old = rnd(case.b, case.ho, n_old, case.do, scale=s)
+    k_old = rnd(case.b, case.hko, case.tk, case.do)
+    query_mask = key_mask = None
+    if case.query_mask:
+        query_mask = torch.rand(case.b, case.tq, generator=g) < 0.7
+        query_mask[:, : case.tq - n_old] = False
+        query_mask = query_mask.to(device)
+    if case.key_mask:
+        key_mask = torch.rand(case.b, case.tk, generator=g) < 0.75
+        if case.b > 1:
+            key_mask[1] = False  # a sequence whose rows have no key at all
+        key_mask = key_mask.to(device)
+    return dict(q=q, k=k, v=v, q_old=q_old, k_old=k_old, query_mask=query_mask, key_mask=key_mask)
+
+
+def op_kwargs(case: Case) -> dict:
+    return dict(causal=case.causal, divergence=case.divergence, head_reduction=case.head_reduction,
+                exclude_self=case.exclude_self)
+
+
+def run_op(fn, inputs: dict, kwargs: dict, seed: int = 1, upstream=None):
+    """Run ``fn`` (``fused_attn_kl`` with a backend bound), backprop random weights through
+    both outputs; returns ``(out, div, dq, dk, dv)`` and the upstream grads used."""
+    q, k, v = (inputs[n].detach().clone().requires_grad_() for n in ("q", "k", "v"))
+    out, div = fn(q, k, v, inputs["q_old"], inputs["k_old"], query_mask=inputs["query_mask"],
+                  key_mask=inputs["key_mask"], lse_old=inputs.get("lse_old"), **kwargs)
+    if upstream is None:
+        g = torch.Generator().manual_seed(seed)
+        upstream = (torch.randn(out.shape, generator=g, dtype=torch.float64),
+                    torch.randn(div.shape, generator=g, dtype=torch.float64))
+    go, gd = upstream
+    ((out * go.to(out.dtype).to(out.device)).sum() + (div * gd.to(div.dtype).to(div.device)).sum()).backward()
+    return (out.detach(), div.detach(), q.grad, k.grad, v.grad), upstream
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, name: str = "") -> None:
+    """``|actual - expected| <= atol + rtol * |expected|``, printing max and mean error."""
+    a, e = actual.double().cpu(), expected.double().cpu()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.isfinite(a).all(), f"{name}: non-finite values"
+    err = (a - e).abs()
+    bound = atol + rtol * e.abs()
+    bad = err > bound
+    assert not bad.any(), (f"{name}: {int(bad.sum())}/{a.numel()} elements off; max err {err.max().item():.3e}, "
+                           f"mean err {err.mean().item():.3e}, atol {atol:g}, rtol {rtol:g}")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Shrink the torch backend's tiles so odd sizes cross several tile boundaries."""
+    from ral_kernels import torch_backend
+
+    monkeypatch.setattr(torch_backend, "BLOCK_Q", 16)
+    monkeypatch.setattr(torch_backend, "BLOCK_K", 32)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Fill the torch backend's output buffers with NaN before it writes them."""
+    from ral_kernels import torch_backend
+
+    def nan_alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(torch_backend, "_alloc", nan_alloc)

@@ -1,0 +1,106 @@
+"""Validation, backend selection and torch.compile of the public op."""
+
+import pytest
+import torch
+
+from conftest import Case, assert_close, make_inputs
+from ral_kernels import (BackendUnavailableError, available_backends, fused_attn_kl, make_old_policy_cache,
+                         resolve_backend)
+
+CASE = Case(b=2, hq=4, hk=2, tq=12, tk=12, d=8, dv=8, ho=4, hko=2, do=8)
+
+
+def inputs(**over):
+    x = make_inputs(CASE, torch.float32, seed=1)
+    x.update(over)
+    return x
+
+
+def call(x, **kw):
+    return fused_attn_kl(x["q"], x["k"], x["v"], x["q_old"], x["k_old"], query_mask=x["query_mask"],
+                         key_mask=x["key_mask"], **kw)
+
+
+BAD = [
+    ("q-ndim", dict(q=torch.randn(2, 4, 12)), {}, ValueError, r"q must have 4 dims"),
+    ("q-type", dict(q=[[1.0]]), {}, TypeError, r"q must be a torch.Tensor"),
+    ("q-int", dict(q=torch.ones(2, 4, 12, 8, dtype=torch.int32)), {}, TypeError, r"q must be float16"),
+    ("gqa", dict(k=torch.randn(2, 3, 12, 8), v=torch.randn(2, 3, 12, 8)), {}, ValueError, r"Hq=4 must be a multiple of the KV heads Hk=3"),
+    ("old-gqa", dict(q_old=torch.randn(2, 5, 12, 8)), {}, ValueError, r"Ho=5 must be a multiple of k_old heads Hko=2"),
+    ("none-heads", dict(q_old=torch.randn(2, 6, 12, 8), k_old=torch.randn(2, 2, 12, 8)), dict(head_reduction="none"),
+     ValueError, r'head_reduction="none" needs as many old heads'),
+    ("batch", dict(k_old=torch.randn(3, 2, 12, 8)), {}, ValueError, r"k_old has batch size 3 but q has 2"),
+    ("old-len", dict(k_old=torch.randn(2, 2, 11, 8)), {}, ValueError, r"k_old has 11 keys but k has Tk=12"),
+    ("old-rows", dict(q_old=torch.randn(2, 4, 13, 8)), {}, ValueError, r"q_old has 13 rows but q has Tq=12"),
+    ("head-dim", dict(k=torch.randn(2, 2, 12, 7)), {}, ValueError, r"k has head dim 7 but q has 8"),
+    ("old-head-dim", dict(k_old=torch.randn(2, 2, 12, 7)), {}, ValueError, r"k_old has head dim 7 but q_old has 8"),
+    ("v-shape", dict(v=torch.randn(2, 2, 11, 8)), {}, ValueError, r"v must be \[B, Hk=2, Tk=12, Dv\]"),
+    ("dtype", dict(k=torch.randn(2, 2, 12, 8, dtype=torch.float64)), {}, TypeError, r"k has dtype torch.float64 but q has torch.float32"),
+    ("device", dict(q_old=torch.randn(2, 4, 12, 8, device="meta")), {}, ValueError, r"q_old is on meta"),
+    ("qmask-dtype", dict(query_mask=torch.ones(2, 12)), {}, TypeError, r"query_mask must have dtype torch.bool"),
+    ("qmask-shape", dict(query_mask=torch.ones(2, 11, dtype=torch.bool)), {}, ValueError, r"query_mask must have shape \(2, 12\)"),
+    ("kmask-shape", dict(key_mask=torch.ones(12, dtype=torch.bool)), {}, ValueError, r"key_mask must have shape \(2, 12\)"),
+    ("divergence", {}, dict(divergence="js"), ValueError, r"divergence must be one of \('jsd', 'kl', 'reverse_kl'\), got 'js'"),
+    ("reduction", {}, dict(head_reduction="sum"), ValueError, r"head_reduction must be one of"),
+    ("backend", {}, dict(backend="flash"), ValueError, r"backend must be one of"),
+    ("scale", {}, dict(sm_scale=float("nan")), ValueError, r"sm_scale must be a finite positive number"),
+    ("old-scale", {}, dict(old_sm_scale=-1.0), ValueError, r"old_sm_scale must be a finite positive number"),
+    ("lse-shape", {}, dict(lse_old=torch.zeros(2, 4, 11)), ValueError, r"lse_old must have shape \(2, 4, 12\)"),
+    ("empty", dict(q=torch.randn(2, 4, 0, 8), q_old=torch.randn(2, 4, 0, 8)), {}, ValueError, r"sequence lengths must be positive"),
+    ("qmask-before-cache", dict(q_old=torch.randn(2, 4, 5, 8), query_mask=torch.ones(2, 12, dtype=torch.bool)), {},
+     ValueError, r"query_mask marks rows before the cached old rows"),
+]
+
+
+@pytest.mark.parametrize("over,kw,exc,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_named(over, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        call(inputs(**over), **kw)
+
+
+def test_backend_resolution_on_cpu():
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert available_backends("cpu")[:1] == ["torch"] and "reference" in available_backends("cpu")
+    for name in ("triton", "cuda"):
+        with pytest.raises(BackendUnavailableError, match=f"backend='{name}' cannot run: "):
+            call(inputs(), backend=name)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("eager")
+
+
+def test_defaults_match_explicit_arguments():
+    x = inputs()
+    a = call(x)
+    b = call(x, causal=True, sm_scale=8 ** -0.5, old_sm_scale=8 ** -0.5, divergence="jsd", head_reduction="mean",
+             exclude_self=False, backend="torch")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_cache_errors():
+    x = inputs()
+    with pytest.raises(ValueError, match=r"num_rows must be an int in \[1, 12\]"):
+        make_old_policy_cache(x["q_old"], x["k_old"], 13)
+    with pytest.raises(ValueError, match="does not match q_old"):
+        make_old_policy_cache(x["q_old"], x["k_old"][..., :4], 3)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    """The op is one opaque custom op: fullgraph compile, forward and backward, same numbers."""
+    torch._dynamo.reset()
+    x = make_inputs(Case(b=2, hq=4, hk=2, tq=40, tk=40, d=16, dv=16, key_mask=True, query_mask=True),
+                    torch.float32, seed=3)
+
+    def step(q, k, v):
+        out, div = fused_attn_kl(q, k, v, x["q_old"], x["k_old"], query_mask=x["query_mask"],
+                                 key_mask=x["key_mask"], exclude_self=True, backend="torch")
+        return (out.square().mean() + 3.0 * div.sum()).sin()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend=compile_backend)):
+        q, k, v = (x[n].clone().requires_grad_() for n in ("q", "k", "v"))
+        loss = fn(q, k, v)
+        loss.backward()
+        results.append((loss.detach(), q.grad, k.grad, v.grad))
+    for a, b in zip(*results):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)

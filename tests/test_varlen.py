@@ -1,0 +1,95 @@
+"""Packed variable-length form equals the padded form on the same data."""
+
+import pytest
+import torch
+
+from conftest import assert_close
+from ral_kernels import fused_attn_kl, fused_attn_kl_varlen
+
+LENS = [(13, 13, 13), (40, 40, 9), (7, 7, 7), (29, 29, 1)]  # (Tq, Tk, old rows) per sequence
+
+
+def packed(lens, hq=4, hk=2, ho=6, hko=3, d=16, do=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tot_q, tot_k, tot_o = (sum(x[i] for x in lens) for i in range(3))
+    return dict(
+        q=torch.randn(tot_q, hq, d, generator=g, dtype=torch.float64),
+        k=torch.randn(tot_k, hk, d, generator=g, dtype=torch.float64),
+        v=torch.randn(tot_k, hk, d, generator=g, dtype=torch.float64),
+        q_old=torch.randn(tot_o, ho, do, generator=g, dtype=torch.float64),
+        k_old=torch.randn(tot_k, hko, do, generator=g, dtype=torch.float64),
+    )
+
+
+def cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("head_reduction,exclude_self,causal", [("mean", False, True), ("mean", True, False),
+                                                                 ("none", True, True)])
+def test_varlen_equals_per_sequence_padded_form(backend, head_reduction, exclude_self, causal):
+    lens = LENS
+    ho, hko = (4, 2) if head_reduction == "none" else (6, 3)
+    x = packed(lens, ho=ho, hko=hko)
+    cq, ck, co = cu([l[0] for l in lens]), cu([l[1] for l in lens]), cu([l[2] for l in lens])
+    qmask = torch.rand(x["q"].shape[0], generator=torch.Generator().manual_seed(1)) < 0.8
+    kw = dict(causal=causal, head_reduction=head_reduction, exclude_self=exclude_self, divergence="jsd",
+              backend=backend)
+    q, k, v = (x[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    out, div = fused_attn_kl_varlen(q, k, v, x["q_old"], x["k_old"], cq, ck, cu_seqlens_old=co,
+                                    query_mask=qmask, **kw)
+    g = torch.Generator().manual_seed(2)
+    go, gd = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(div.shape, generator=g, dtype=div.dtype)
+    ((out * go).sum() + (div * gd).sum()).backward()
+
+    # Same data, one padded call per sequence (B = 1, no padding needed).
+    for s, (lq, lk, lo) in enumerate(lens):
+        sq, sk, so = slice(cq[s], cq[s + 1]), slice(ck[s], ck[s + 1]), slice(co[s], co[s + 1])
+        qs, ks, vs = (t[sl].detach().clone().transpose(0, 1)[None].requires_grad_()
+                      for t, sl in ((x["q"], sq), (x["k"], sk), (x["v"], sk)))
+        mask = qmask[sq].clone()[None]
+        mask[:, : lq - lo] = False
+        o1, d1 = fused_attn_kl(qs, ks, vs, x["q_old"][so].transpose(0, 1)[None], x["k_old"][sk].transpose(0, 1)[None],
+                               query_mask=mask, **kw)
+        d_up = gd[sq][None] if head_reduction == "mean" else gd[sq].t()[None]
+        ((o1 * go[sq].transpose(0, 1)[None]).sum() + (d1 * d_up).sum()).backward()
+        assert_close(out[sq], o1[0].transpose(0, 1), atol=1e-12, name="out")
+        d_pk = div[sq] if head_reduction == "mean" else div[sq].t()
+        assert_close(d_pk, d1[0], atol=1e-12, name="div")
+        assert_close(q.grad[sq], qs.grad[0].transpose(0, 1), atol=1e-10, name="dq")
+        assert_close(k.grad[sk], ks.grad[0].transpose(0, 1), atol=1e-10, name="dk")
+        assert_close(v.grad[sk], vs.grad[0].transpose(0, 1), atol=1e-10, name="dv")
+    assert div.abs().sum() > 0
+
+
+def test_varlen_lse_old_matches_without():
+    lens = LENS
+    x = packed(lens)
+    cq, co = cu([l[0] for l in lens]), cu([l[2] for l in lens])
+    from ral_kernels.torch_backend import lse_rows
+
+    lse = []
+    for s, (lq, lk, lo) in enumerate(lens):
+        qo = x["q_old"][co[s]:co[s + 1]].transpose(0, 1)[None]
+        ko = x["k_old"][cq[s]:cq[s + 1]].transpose(0, 1)[None]
+        lse.append(lse_rows(qo, ko, lq - lo, lq, True, None, 8 ** -0.5)[0])
+    lse = torch.cat(lse, dim=1)  # [Ho, total_old]
+    a = fused_attn_kl_varlen(x["q"], x["k"], x["v"], x["q_old"], x["k_old"], cq, cq, cu_seqlens_old=co)
+    b = fused_attn_kl_varlen(x["q"], x["k"], x["v"], x["q_old"], x["k_old"], cq, cq, cu_seqlens_old=co, lse_old=lse)
+    assert_close(b[1], a[1], atol=1e-12, name="div")
+
+
+def test_varlen_errors():
+    x = packed(LENS)
+    c = cu([l[0] for l in LENS])
+    with pytest.raises(TypeError, match="cu_seqlens_q"):
+        fused_attn_kl_varlen(x["q"], x["k"], x["v"], x["q"][:, :, :8], x["k"], [0, 1], c)
+    with pytest.raises(ValueError, match="cu_seqlens_k ends at"):
+        fused_attn_kl_varlen(x["q"], x["k"][:-1], x["v"][:-1], x["q_old"], x["k_old"][:-1], c, c)
+    with pytest.raises(ValueError, match=r"must have 3 dims"):
+        fused_attn_kl_varlen(x["q"][None], x["k"], x["v"], x["q_old"], x["k_old"], c, c)
+    with pytest.raises(TypeError, match="key_mask"):
+        fused_attn_kl_varlen(x["q"], x["k"], x["v"], x["q_old"], x["k_old"], c, c, key_mask=None)
+    with pytest.raises(ValueError, match="q_old has"):
+        fused_attn_kl_varlen(x["q"], x["k"], x["v"], x["q_old"], x["k_old"], c, c)
