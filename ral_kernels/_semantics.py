@@ -54,6 +54,32 @@ def self_mask(i0: int, i1: int, j0: int, j1: int, tq: int, tk: int, device: torc
     return (cols == rows + (tk - tq))[None, None]
 
 
+def self_scores(qo: torch.Tensor, k_old: torch.Tensor, i0: int, tq: int, tk: int, key_mask, cdt):
+    """Old score of each row's own position, -inf where that key is absent or masked.
+    ``qo`` [B, Ho, C, D] holds rows ``i0..``, already scaled."""
+    b, ho, c, _ = qo.shape
+    hko = k_old.shape[1]
+    pos = torch.arange(i0, i0 + c, device=qo.device) + (tk - tq)
+    ok = (pos >= 0) & (pos < tk)
+    kself = k_old[:, :, pos.clamp(0, tk - 1)].to(cdt).repeat_interleave(ho // hko, dim=1)
+    s = (qo * kself).sum(-1)
+    keep = ok[None, None].expand(b, 1, c)
+    if key_mask is not None:
+        keep = keep & key_mask[:, None, pos.clamp(0, tk - 1)]
+    return s.masked_fill(~keep, float("-inf"))
+
+
+
+def support_mass_from_lse(lse, q_scaled, k, first_row: int, tq: int, tk: int, key_mask, exclude_self: bool):
+    """Support mass ``sum_S exp(s - lse)`` of rows ``first_row..`` given their log-sum-exp
+    over allowed keys (``+inf`` for none): 1 (or 0) minus the self term when excluded."""
+    mass = torch.isfinite(lse).to(lse.dtype)
+    if exclude_self:
+        s_self = self_scores(q_scaled, k, first_row, tq, tk, key_mask, lse.dtype)
+        mass = (mass - torch.exp(s_self - lse)).clamp_min(0.0)
+    return mass
+
+
 def divergence_terms(p: torch.Tensor, r: torch.Tensor, divergence: str):
     """Pointwise terms ``t_j`` (the divergence is ``sum_j t_j``) and ``g_j = dD/dp_j``.
 

@@ -22,17 +22,19 @@ class BackendUnavailableError(RuntimeError):
 
 # --------------------------------------------------------------------------- backends
 
-def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
-    """``None`` if ``backend`` can run on ``device``, else a sentence saying why not."""
+def _unavailable_reason(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """``None`` if ``backend`` can run on ``device`` (for inputs of ``dtype``), else a
+    sentence saying why not."""
     if backend in ("torch", "reference"):
         return None
     if backend == "triton":
-        if importlib.util.find_spec("ral_kernels.triton_backend") is None:
-            return "the Triton kernels are not part of this release yet"
         if importlib.util.find_spec("triton") is None:
-            return "the `triton` package is not installed"
+            return "the `triton` package is not installed (pip install triton)"
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            return f"Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret them on the CPU)"
+            return (f"Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 before "
+                    "importing triton to interpret them on the CPU)")
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"the Triton kernels take float16, bfloat16 or float32 inputs, got {dtype}"
         return None
     if backend == "cuda":
         if importlib.util.find_spec("ral_kernels.cuda_backend") is None:
@@ -43,11 +45,12 @@ def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return f"unknown backend {backend!r}"
 
 
-def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -> str:
-    """The backend that ``backend`` runs on ``device``.
+def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu",
+                    dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that ``backend`` runs on ``device`` (for inputs of ``dtype``).
 
-    ``"auto"`` tries, in order, ``"triton"`` (CUDA tensors), ``"cuda"``, then ``"torch"``,
-    which always runs. An explicit backend that cannot run raises
+    ``"auto"`` tries, in order, ``"triton"`` and ``"cuda"`` (CUDA tensors only), then
+    ``"torch"``, which always runs. An explicit backend that cannot run raises
     :class:`BackendUnavailableError` saying why.
     """
     if backend not in BACKENDS:
@@ -55,10 +58,10 @@ def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -
     device = torch.device(device)
     if backend == "auto":
         for name in ("triton", "cuda"):
-            if device.type == "cuda" and _unavailable_reason(name, device) is None:
+            if device.type == "cuda" and _unavailable_reason(name, device, dtype) is None:
                 return name
         return "torch"
-    why = _unavailable_reason(backend, device)
+    why = _unavailable_reason(backend, device, dtype)
     if why is not None:
         raise BackendUnavailableError(f"backend={backend!r} cannot run: {why}")
     return backend
@@ -237,7 +240,7 @@ def fused_attn_kl(
     causal, exclude_self = bool(causal), bool(exclude_self)
     q_old, k_old = q_old.detach(), k_old.detach()
     lse_old = None if lse_old is None else lse_old.detach()
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, q.dtype)
     if name == "reference":
         return fused_attn_kl_reference(
             q, k, v, q_old, k_old, causal=causal, sm_scale=sm_scale, old_sm_scale=old_sm_scale,

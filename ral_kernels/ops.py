@@ -16,10 +16,16 @@ from . import torch_backend
 _IMPLS = {"torch": torch_backend}
 
 
-def register_backend(name: str, module) -> None:
-    """Make ``module`` (with ``fwd`` / ``bwd`` of :mod:`ral_kernels.torch_backend`'s
-    signature) reachable from the registered ops under ``backend=name``."""
-    _IMPLS[name] = module
+def _impl(name: str):
+    """The module (``fwd`` / ``bwd`` with :mod:`ral_kernels.torch_backend`'s signatures)
+    behind ``backend=name``; GPU backends are imported on first use."""
+    if name not in _IMPLS:
+        if name == "triton":
+            from . import triton_backend as module
+        else:
+            raise ValueError(f"no implementation registered for backend {name!r}")
+        _IMPLS[name] = module
+    return _IMPLS[name]
 
 
 @torch.library.custom_op("ral_kernels::fused_attn_kl_fwd", mutates_args=())
@@ -30,7 +36,7 @@ def fused_attn_kl_fwd(
     exclude_self: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    return _IMPLS[backend].fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale,
+    return _impl(backend).fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale,
                                old_sm_scale, divergence, head_reduction, exclude_self)
 
 
@@ -56,7 +62,7 @@ def fused_attn_kl_bwd(
     causal: bool, sm_scale: float, old_sm_scale: float, divergence: str, head_reduction: str,
     exclude_self: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _IMPLS[backend].bwd(dout, ddiv, q, k, v, q_old, k_old, out, lse, lse_old, z, z_old, e, c,
+    return _impl(backend).bwd(dout, ddiv, q, k, v, q_old, k_old, out, lse, lse_old, z, z_old, e, c,
                                key_mask, causal, sm_scale, old_sm_scale, divergence, head_reduction,
                                exclude_self)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ._semantics import allowed_mask, divergence_terms, self_mask
+from ._semantics import allowed_mask, divergence_terms, self_mask, support_mass_from_lse
 
 BLOCK_Q = 512
 BLOCK_K = 512
@@ -73,21 +73,6 @@ def _rows(mask, start: int):
 def _group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
     b, h, c, n = x.shape
     return x.view(b, groups, h // groups, c, n).mean(2)
-
-
-def _self_scores(qo: torch.Tensor, k_old: torch.Tensor, i0: int, tq: int, tk: int, key_mask, cdt):
-    """Old score of each row's own position, -inf where that key is absent or masked.
-    ``qo`` [B, Ho, C, D] holds rows ``i0..``, already scaled."""
-    b, ho, c, _ = qo.shape
-    hko = k_old.shape[1]
-    pos = torch.arange(i0, i0 + c, device=qo.device) + (tk - tq)
-    ok = (pos >= 0) & (pos < tk)
-    kself = k_old[:, :, pos.clamp(0, tk - 1)].to(cdt).repeat_interleave(ho // hko, dim=1)
-    s = (qo * kself).sum(-1)
-    keep = ok[None, None].expand(b, 1, c)
-    if key_mask is not None:
-        keep = keep & key_mask[:, None, pos.clamp(0, tk - 1)]
-    return s.masked_fill(~keep, _NEG_INF)
 
 
 class _Online:
@@ -197,11 +182,7 @@ def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale, 
             lse_old[:, :, rows] = old.lse()
             mass_old = old.support_mass()
         else:
-            lo = lse_old[:, :, rows]
-            mass_old = torch.isfinite(lo).to(cdt)
-            if exclude_self:
-                s_self = _self_scores(qo, k_old, d0, tq, tk, key_mask, cdt)
-                mass_old = (mass_old - torch.exp(s_self - lo)).clamp_min(0.0)
+            mass_old = support_mass_from_lse(lse_old[:, :, rows], qo, k_old, d0, tq, tk, key_mask, exclude_self)
         zc = _group_mean(mass[..., None], groups)[..., 0]
         zoc = _group_mean(mass_old[..., None], groups)[..., 0]
         valid = (zc > 0) & (zoc > 0)

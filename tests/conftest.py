@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import zlib
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be switched on
+# before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+ON_GPU = DEVICE == "cuda"
+
+
+def backends_under_test() -> list[str]:
+    """Every non-reference backend that can run here (Triton: interpreter on the CPU)."""
+    return ["torch"] + (["triton"] if HAS_TRITON else [])
+
+
+def oracle_dtype(backend: str):
+    """The dtype a backend is checked in against the float64 oracle: float64 where it
+    computes in float64, float32 otherwise."""
+    return torch.float64 if backend == "torch" else torch.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +152,29 @@ def small_blocks(monkeypatch):
 
 @pytest.fixture
 def poison(monkeypatch):
-    """Fill the torch backend's output buffers with NaN before it writes them."""
+    """Fill the backends' output buffers with NaN before the kernels write them."""
     from ral_kernels import torch_backend
 
     def nan_alloc(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(torch_backend, "_alloc", nan_alloc)
+    if HAS_TRITON:
+        from ral_kernels import triton_backend
+
+        monkeypatch.setattr(triton_backend, "_alloc", nan_alloc)
+
+
+def assert_within_plain_error(got, plain, exact, *, names=("out", "div", "dq", "dk", "dv"), floor=1e-6):
+    """flash-attention's tolerance idiom: a backend's error against a float64 oracle stays
+    within 2x (3x for gradients) of the dense PyTorch path's error in the same precision,
+    plus ``floor`` times the magnitude of the quantity (rounding of the last ulp)."""
+    for i, name in enumerate(names):
+        factor = 2.0 if i < 2 else 3.0
+        a, p, e = got[i].double().cpu(), plain[i].double().cpu(), exact[i].double().cpu()
+        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        err, ref_err = max_err(a, e), max_err(p, e)
+        bound = factor * ref_err + floor * max(1.0, e.abs().max().item() if e.numel() else 0.0)
+        assert err <= bound, (f"{name}: max error {err:.3e} (mean {(a - e).abs().mean().item():.3e}) vs "
+                              f"plain PyTorch {ref_err:.3e}, bound {bound:.3e}")

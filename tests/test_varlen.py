@@ -3,37 +3,38 @@
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import DEVICE, assert_close, backends_under_test, oracle_dtype
 from ral_kernels import fused_attn_kl, fused_attn_kl_varlen
 
 LENS = [(13, 13, 13), (40, 40, 9), (7, 7, 7), (29, 29, 1)]  # (Tq, Tk, old rows) per sequence
 
 
-def packed(lens, hq=4, hk=2, ho=6, hko=3, d=16, do=8, seed=0):
+def packed(lens, hq=4, hk=2, ho=6, hko=3, d=16, do=8, seed=0, dtype=torch.float64, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     tot_q, tot_k, tot_o = (sum(x[i] for x in lens) for i in range(3))
-    return dict(
-        q=torch.randn(tot_q, hq, d, generator=g, dtype=torch.float64),
-        k=torch.randn(tot_k, hk, d, generator=g, dtype=torch.float64),
-        v=torch.randn(tot_k, hk, d, generator=g, dtype=torch.float64),
-        q_old=torch.randn(tot_o, ho, do, generator=g, dtype=torch.float64),
-        k_old=torch.randn(tot_k, hko, do, generator=g, dtype=torch.float64),
-    )
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+    return dict(q=rnd(tot_q, hq, d), k=rnd(tot_k, hk, d), v=rnd(tot_k, hk, d), q_old=rnd(tot_o, ho, do),
+                k_old=rnd(tot_k, hko, do))
 
 
 def cu(lengths):
     return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", backends_under_test() + ["reference"])
 @pytest.mark.parametrize("head_reduction,exclude_self,causal", [("mean", False, True), ("mean", True, False),
                                                                  ("none", True, True)])
 def test_varlen_equals_per_sequence_padded_form(backend, head_reduction, exclude_self, causal):
     lens = LENS
     ho, hko = (4, 2) if head_reduction == "none" else (6, 3)
-    x = packed(lens, ho=ho, hko=hko)
-    cq, ck, co = cu([l[0] for l in lens]), cu([l[1] for l in lens]), cu([l[2] for l in lens])
-    qmask = torch.rand(x["q"].shape[0], generator=torch.Generator().manual_seed(1)) < 0.8
+    dtype = torch.float64 if backend == "reference" else oracle_dtype(backend)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    x = packed(lens, ho=ho, hko=hko, dtype=dtype, device=DEVICE)
+    cq, ck, co = (cu(l).to(DEVICE) for l in ([l[0] for l in lens], [l[1] for l in lens], [l[2] for l in lens]))
+    qmask = (torch.rand(x["q"].shape[0], generator=torch.Generator().manual_seed(1)) < 0.8).to(DEVICE)
     kw = dict(causal=causal, head_reduction=head_reduction, exclude_self=exclude_self, divergence="jsd",
               backend=backend)
     q, k, v = (x[n].clone().requires_grad_() for n in ("q", "k", "v"))
@@ -54,12 +55,12 @@ def test_varlen_equals_per_sequence_padded_form(backend, head_reduction, exclude
                                query_mask=mask, **kw)
         d_up = gd[sq][None] if head_reduction == "mean" else gd[sq].t()[None]
         ((o1 * go[sq].transpose(0, 1)[None]).sum() + (d1 * d_up).sum()).backward()
-        assert_close(out[sq], o1[0].transpose(0, 1), atol=1e-12, name="out")
+        assert_close(out[sq], o1[0].transpose(0, 1), atol=tol, name="out")
         d_pk = div[sq] if head_reduction == "mean" else div[sq].t()
-        assert_close(d_pk, d1[0], atol=1e-12, name="div")
-        assert_close(q.grad[sq], qs.grad[0].transpose(0, 1), atol=1e-10, name="dq")
-        assert_close(k.grad[sk], ks.grad[0].transpose(0, 1), atol=1e-10, name="dk")
-        assert_close(v.grad[sk], vs.grad[0].transpose(0, 1), atol=1e-10, name="dv")
+        assert_close(d_pk, d1[0], atol=tol, name="div")
+        assert_close(q.grad[sq], qs.grad[0].transpose(0, 1), atol=10 * tol, name="dq")
+        assert_close(k.grad[sk], ks.grad[0].transpose(0, 1), atol=10 * tol, name="dk")
+        assert_close(v.grad[sk], vs.grad[0].transpose(0, 1), atol=10 * tol, name="dv")
     assert div.abs().sum() > 0
 
 
