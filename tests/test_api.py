@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import Case, assert_close, make_inputs
+from conftest import HAS_TRITON, Case, assert_close, make_inputs
 from ral_kernels import (BackendUnavailableError, available_backends, fused_attn_kl, make_old_policy_cache,
                          resolve_backend)
 
@@ -58,12 +58,18 @@ def test_bad_input_is_named(over, kw, exc, match):
         call(inputs(**over), **kw)
 
 
-def test_backend_resolution_on_cpu():
-    assert resolve_backend("auto", "cpu") == "torch"
-    assert available_backends("cpu")[:1] == ["torch"] and "reference" in available_backends("cpu")
-    for name in ("triton", "cuda"):
-        with pytest.raises(BackendUnavailableError, match=f"backend='{name}' cannot run: "):
-            call(inputs(), backend=name)
+def test_backend_resolution_on_cpu(monkeypatch):
+    assert resolve_backend("auto", "cpu") == "torch"  # the interpreter is never picked automatically
+    assert "torch" in available_backends("cpu") and "reference" in available_backends("cpu")
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' cannot run: "):
+        call(inputs(), backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert available_backends("cpu") == ["torch", "reference"]
+    with pytest.raises(BackendUnavailableError, match="backend='triton' cannot run: .*(CUDA tensors|not installed)"):
+        call(inputs(), backend="triton")
+    if HAS_TRITON:
+        with pytest.raises(BackendUnavailableError, match="float16, bfloat16 or float32"):
+            resolve_backend("triton", "cuda", torch.float64)
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("eager")
 
