@@ -22,9 +22,10 @@ class BackendUnavailableError(RuntimeError):
 
 # --------------------------------------------------------------------------- backends
 
-def _unavailable_reason(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
-    """``None`` if ``backend`` can run on ``device`` (for inputs of ``dtype``), else a
-    sentence saying why not."""
+def _unavailable_reason(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                        head_dim: int = 0) -> Optional[str]:
+    """``None`` if ``backend`` can run on ``device`` (for inputs of ``dtype`` and largest
+    head dim ``head_dim``), else a sentence saying why not."""
     if backend in ("torch", "reference"):
         return None
     if backend == "triton":
@@ -35,6 +36,8 @@ def _unavailable_reason(backend: str, device: torch.device, dtype: Optional[torc
                     "importing triton to interpret them on the CPU)")
         if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"the Triton kernels take float16, bfloat16 or float32 inputs, got {dtype}"
+        if head_dim > 256:
+            return f"the Triton kernels take head dims up to 256, got {head_dim}"
         return None
     if backend == "cuda":
         if importlib.util.find_spec("ral_kernels.cuda_backend") is None:
@@ -46,8 +49,9 @@ def _unavailable_reason(backend: str, device: torch.device, dtype: Optional[torc
 
 
 def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu",
-                    dtype: Optional[torch.dtype] = None) -> str:
-    """The backend that ``backend`` runs on ``device`` (for inputs of ``dtype``).
+                    dtype: Optional[torch.dtype] = None, head_dim: int = 0) -> str:
+    """The backend that ``backend`` runs on ``device`` (for inputs of ``dtype`` whose
+    largest head dim is ``head_dim``).
 
     ``"auto"`` tries, in order, ``"triton"`` and ``"cuda"`` (CUDA tensors only), then
     ``"torch"``, which always runs. An explicit backend that cannot run raises
@@ -58,10 +62,10 @@ def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu",
     device = torch.device(device)
     if backend == "auto":
         for name in ("triton", "cuda"):
-            if device.type == "cuda" and _unavailable_reason(name, device, dtype) is None:
+            if device.type == "cuda" and _unavailable_reason(name, device, dtype, head_dim) is None:
                 return name
         return "torch"
-    why = _unavailable_reason(backend, device, dtype)
+    why = _unavailable_reason(backend, device, dtype, head_dim)
     if why is not None:
         raise BackendUnavailableError(f"backend={backend!r} cannot run: {why}")
     return backend
@@ -240,7 +244,7 @@ def fused_attn_kl(
     causal, exclude_self = bool(causal), bool(exclude_self)
     q_old, k_old = q_old.detach(), k_old.detach()
     lse_old = None if lse_old is None else lse_old.detach()
-    name = resolve_backend(backend, q.device, q.dtype)
+    name = resolve_backend(backend, q.device, q.dtype, max(q.shape[-1], v.shape[-1], q_old.shape[-1]))
     if name == "reference":
         return fused_attn_kl_reference(
             q, k, v, q_old, k_old, causal=causal, sm_scale=sm_scale, old_sm_scale=old_sm_scale,

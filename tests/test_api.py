@@ -70,6 +70,8 @@ def test_backend_resolution_on_cpu(monkeypatch):
     if HAS_TRITON:
         with pytest.raises(BackendUnavailableError, match="float16, bfloat16 or float32"):
             resolve_backend("triton", "cuda", torch.float64)
+        with pytest.raises(BackendUnavailableError, match="head dims up to 256, got 320"):
+            resolve_backend("triton", "cuda", torch.float16, 320)
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("eager")
 
