@@ -1,7 +1,28 @@
-"""ral_trainer: the thin RAL trainer (model patching, old-policy capture, GRPO + RAL losses).
+"""ral_trainer: the thin RAL trainer around :mod:`ral_kernels`.
 
-It depends on :mod:`ral_kernels`, never the other way round. The package is reserved here
-so that the layout is fixed; its modules arrive with the trainer work.
+- :func:`patch_model` swaps the fused attention + divergence op into chosen decoder
+  layers of a Hugging Face model (Qwen2.5-VL, Qwen2-VL, Qwen2, Qwen3, Llama) through
+  transformers' ``AttentionInterface``; ``patch.capture(...)`` records the old policy (or a
+  teacher) in the no-grad pass, ``patch.update(...)`` returns the per-token divergence.
+- :mod:`ral_trainer.losses`: GRPO (TRL loss types, β·KL), the RAL term, attention distillation.
+- :class:`RALTrainer`: GRPO / RAL / RAL-zero training loop with exact-resume checkpoints.
+- ``ral-train``: the CPU demo on a synthetic visual-search task (:mod:`ral_trainer.demo`).
+
+It depends on :mod:`ral_kernels` (and transformers), never the other way round.
 """
 
-__all__: list[str] = []
+from .models import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, tiny_config, tiny_model
+from .patch import ATTN_NAME, LayerCapture, OldPolicy, PatchError, RALPatch, patch_model, unpatch_model
+
+__all__ = [
+    "ATTN_NAME", "LayerCapture", "OldPolicy", "PatchError", "RALPatch", "SUPPORTED_ARCHITECTURES",
+    "RALTrainer", "TrainConfig", "UnsupportedArchitectureError", "ZeroAttentionTermWarning",
+    "patch_model", "tiny_config", "tiny_model", "unpatch_model",
+]
+
+
+def __getattr__(name):  # the trainer pulls in tqdm; import it on first use
+    if name in ("RALTrainer", "TrainConfig", "ZeroAttentionTermWarning"):
+        from . import trainer
+        return getattr(trainer, name)
+    raise AttributeError(name)
