@@ -1,0 +1,23 @@
+"""Adapters that plug RAL into RL trainers people already run.
+
+- :mod:`ral_trainer.adapters.trl`: :class:`RALGRPOTrainer` / :class:`RALGRPOConfig`, a
+  drop-in subclass of TRL's ``GRPOTrainer`` (TRL ``>=1.0,<2``).
+
+The adapters import their trainer lazily: ``import ral_trainer.adapters`` works without
+TRL installed; ``from ral_trainer.adapters.trl import RALGRPOTrainer`` needs it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["RALGRPOTrainer", "RALGRPOConfig", "UnsupportedVersionError"]
+
+
+class UnsupportedVersionError(ImportError):
+    """The installed trainer package's version is outside the range an adapter supports."""
+
+
+def __getattr__(name):
+    if name in ("RALGRPOTrainer", "RALGRPOConfig"):
+        from . import trl as _trl
+        return getattr(_trl, name)
+    raise AttributeError(name)

@@ -1,0 +1,375 @@
+"""RAL inside TRL: a drop-in subclass of ``trl.GRPOTrainer`` (TRL ``>=1.0,<2``).
+
+Usage::
+
+    from ral_trainer.adapters.trl import RALGRPOConfig, RALGRPOTrainer
+
+    args = RALGRPOConfig(output_dir="out", attention_coef=1.0, num_iterations=2, ...)
+    trainer = RALGRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=ds)
+    trainer.train()
+
+What it changes in TRL's loop (nothing else):
+
+- ``_generate_and_score_completions``: when TRL computes the old policy's log-probs (the
+  no-grad pass it runs only when the rollout batch gets more than one optimizer step), the
+  last decoder layer's old queries of the completion rows and all keys are captured
+  (:meth:`ral_trainer.RALPatch.capture`) — one forward hook per chunk, no extra pass.
+  Each rollout row gets an index (``inputs["ral_index"]``) that travels through TRL's
+  shuffle and split, so every micro-batch finds its rows of the capture.
+- ``_compute_loss``: TRL's own forward runs inside :meth:`ral_trainer.RALPatch.update`, so
+  the patched layer returns the per-token divergence beside its output; the loss becomes
+  ``L_TRL + attention_coef · ral_loss(div, advantages, mask)`` with TRL's normalization
+  (``loss_type``, ``max_completion_length``, ``num_items_in_batch``, gradient accumulation,
+  number of processes), plus ``teacher_attention_coef · ral_loss(div_teacher, 1, mask)``
+  with a teacher (on-policy attention distillation).
+- Metrics ``ral/attention_loss``, ``ral/attention_div`` (and ``ral/teacher_attention_*``)
+  land in TRL's ``self._metrics`` and so in its logs (console, W&B, TensorBoard...).
+
+When TRL's settings make the old policy equal the current one
+(``gradient_accumulation_steps % (steps_per_generation * num_iterations) == 0``: TRL then
+does not compute old log-probs), the attention term is identically zero: the trainer warns
+once (:class:`ral_trainer.ZeroAttentionTermWarning`) and says which settings fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Optional
+
+import torch
+
+import ral_kernels
+
+from ..losses import TeacherMisalignmentError
+from ..patch import LayerCapture, OldPolicy, PatchError, patch_model
+from ..trainer import ZeroAttentionTermWarning
+from . import UnsupportedVersionError
+
+TRL_SUPPORTED = (">=1.0", "<2")
+TRL_RANGE = "trl>=1.0,<2"
+
+
+def _check_trl_version():
+    try:
+        import trl
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"ral_trainer.adapters.trl needs TRL ({TRL_RANGE}): pip install 'ral_kernels[trl]'") from e
+    from packaging.version import Version
+
+    v = Version(trl.__version__)
+    if not (Version("1.0") <= v < Version("2")):
+        raise UnsupportedVersionError(
+            f"ral_trainer.adapters.trl supports {TRL_RANGE}, but trl {trl.__version__} is installed: "
+            f"pip install '{TRL_RANGE}'")
+    return trl
+
+
+_check_trl_version()
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+__all__ = ["RALGRPOConfig", "RALGRPOTrainer", "TRL_RANGE"]
+
+# TRL loss_type -> the ral_loss aggregation that TRL's own normalization matches
+_LOSS_MAP = {"grpo": "grpo", "sapo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo",
+             "cispo": "dapo", "vespo": "dapo"}
+
+
+@dataclasses.dataclass
+class RALGRPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus the RAL settings.
+
+    Args:
+        attention_coef: λ of ``L = L_GRPO + λ · E_t[A_t · D(p_θ^t ‖ p_old^t)]``; 0 disables the term.
+        attention_divergence: ``"jsd"`` (paper), ``"kl"`` (KL(old‖new)) or ``"reverse_kl"``.
+        attention_head_reduction: ``"mean"``: the policy is the head-averaged attention row (paper).
+        attention_layers: decoder-layer indices to patch (default: the last one, as the paper).
+        attention_backend: ``ral_kernels`` backend (``"auto"``: Triton on CUDA, else torch).
+        teacher_attention_coef: γ of the on-policy attention distillation term
+            ``γ · Σ_t JSD(p_student^t ‖ p_teacher^t)`` (weight 1, no advantage); needs
+            ``teacher_model=`` on the trainer.
+        teacher_attention_divergence: divergence to the teacher (default ``"jsd"``).
+    """
+
+    attention_coef: float = dataclasses.field(default=1.0, metadata={"help": "RAL attention term coefficient λ."})
+    attention_divergence: str = dataclasses.field(default="jsd", metadata={"help": "jsd | kl | reverse_kl"})
+    attention_head_reduction: str = dataclasses.field(default="mean", metadata={"help": "mean (head-averaged rows)"})
+    attention_layers: Optional[list[int]] = dataclasses.field(
+        default=None, metadata={"help": "decoder layers to patch (default: the last)"})
+    attention_backend: str = dataclasses.field(default="auto", metadata={"help": "ral_kernels backend"})
+    teacher_attention_coef: float = dataclasses.field(
+        default=0.0, metadata={"help": "attention distillation coefficient γ (needs teacher_model)"})
+    teacher_attention_divergence: str = dataclasses.field(default="jsd", metadata={"help": "jsd | kl | reverse_kl"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.attention_divergence not in ("jsd", "kl", "reverse_kl"):
+            raise ValueError(f"attention_divergence must be 'jsd', 'kl' or 'reverse_kl', got {self.attention_divergence!r}")
+        if self.teacher_attention_divergence not in ("jsd", "kl", "reverse_kl"):
+            raise ValueError("teacher_attention_divergence must be 'jsd', 'kl' or 'reverse_kl', got "
+                             f"{self.teacher_attention_divergence!r}")
+        if self.attention_head_reduction != "mean":
+            raise ValueError(f"attention_head_reduction={self.attention_head_reduction!r}: the patched layers compute "
+                             "the head-averaged policy (RAL's definition); only 'mean' is supported")
+        if self.attention_coef < 0 or self.teacher_attention_coef < 0:
+            raise ValueError("attention_coef and teacher_attention_coef must be >= 0")
+
+
+def _cat_policies(parts: list) -> OldPolicy:
+    """Concatenate the captures of consecutive chunks of one batch (TRL chunks the
+    old-log-prob pass by ``per_device_train_batch_size``)."""
+    if len(parts) == 1:
+        return parts[0]
+    layers = {}
+    for i in parts[0].layers:
+        caps = [p.layers[i] for p in parts]
+        c0 = caps[0]
+        q = torch.cat([c.cache.q_old for c in caps])
+        k = torch.cat([c.cache.k_old for c in caps])
+        lse = None if c0.cache.lse_old is None else torch.cat([c.cache.lse_old for c in caps])
+        if all(c.key_mask is None for c in caps):
+            km = None
+        else:
+            km = torch.cat([torch.ones(c.cache.q_old.shape[0], c.num_tokens, dtype=torch.bool, device=q.device)
+                            if c.key_mask is None else c.key_mask.to(q.device) for c in caps])
+        layers[i] = LayerCapture(ral_kernels.OldPolicyCache(q, k, lse), c0.sm_scale, km, c0.num_tokens)
+    return OldPolicy(layers, parts[0].model_type)
+
+
+def _base_model(model):
+    """The Hugging Face model under PEFT / DDP wrappers (the one whose layers get patched)."""
+    m = model
+    while hasattr(m, "module") and isinstance(m.module, torch.nn.Module) and not hasattr(m, "config"):
+        m = m.module  # DDP / DeepSpeed engine
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()  # PEFT
+    return m
+
+
+_MM_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
+            "mm_token_type_ids", "image_position_ids", "spatial_shapes")
+
+
+class RALGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` with the RAL attention term (and optional attention distillation).
+
+    Same arguments as ``GRPOTrainer`` (``model`` may be a model id, a model, or a PEFT model;
+    ``peft_config=`` works), plus:
+
+    Args:
+        args: a :class:`RALGRPOConfig`.
+        teacher_model: optional teacher (a model, same tokenizer as the student) for on-policy
+            attention distillation, weighted by ``args.teacher_attention_coef``; any head
+            count / head dim (heads are averaged).
+        teacher_processing_class: the teacher's tokenizer, checked against the student's.
+
+    Raises:
+        UnsupportedArchitectureError: the model's attention cannot be patched.
+        TeacherMisalignmentError: the teacher's tokenizer / vocabulary / layout differs.
+        ValueError: settings RAL cannot honour (``loss_type="luspo"``).
+
+    Gradient checkpointing (TRL's default) stays on for every layer except the patched
+    one(s): recomputing a patched layer in the backward would run it outside the update
+    pass and lose the divergence's gradient. The fused op keeps no ``T x T`` map, so the
+    patched layer's activations are small next to the rest.
+    """
+
+    def __init__(self, model, reward_funcs, args: Optional[RALGRPOConfig] = None, *, teacher_model=None,
+                 teacher_processing_class=None, **kwargs):
+        if args is None:
+            args = RALGRPOConfig(output_dir="ral_grpo_output")
+        if not isinstance(args, RALGRPOConfig):
+            raise TypeError(f"args must be a RALGRPOConfig (the GRPOConfig with RAL settings), got {type(args).__name__}")
+        if args.loss_type not in _LOSS_MAP:
+            raise ValueError(f"loss_type={args.loss_type!r} has no RAL normalization; use one of {sorted(_LOSS_MAP)}")
+        if args.teacher_attention_coef and teacher_model is None:
+            raise ValueError("teacher_attention_coef > 0 needs teacher_model=")
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        self.ral_patch = patch_model(_base_model(self.model), args.attention_layers, backend=args.attention_backend)
+        self.teacher_model = teacher_model
+        self.teacher_patch = None
+        if teacher_model is not None:
+            self._check_teacher(teacher_model, teacher_processing_class)
+            teacher_model.eval().requires_grad_(False)
+            dev = next(_base_model(self.model).parameters()).device
+            teacher_model.to(dev)
+            n_student = len(self.ral_patch.layers)
+            from ..models import decoder_layers
+            nt = len(decoder_layers(teacher_model))
+            self.teacher_patch = patch_model(teacher_model, list(range(nt - n_student, nt)),
+                                             backend=args.attention_backend)
+        gen_every = args.steps_per_generation * self.num_iterations
+        self._ral_needs_old = (args.gradient_accumulation_steps % gen_every != 0) or bool(
+            getattr(self, "use_vllm", False) and getattr(self, "vllm_importance_sampling_correction", False))
+        self._ral_capture_next = False
+        self._ral_capture_parts: Optional[list] = None
+        self._ral_old: Optional[OldPolicy] = None
+        self._ral_zero_warned = False
+        if args.attention_coef and not self._ral_needs_old:
+            self._warn_zero()
+
+    # ------------------------------------------------------------------ checks
+    def _warn_zero(self):
+        if self._ral_zero_warned:
+            return
+        self._ral_zero_warned = True
+        a = self.args
+        warnings.warn(
+            "RAL attention term is identically zero with these TRL settings: every update runs at θ = θ_old "
+            f"(gradient_accumulation_steps={a.gradient_accumulation_steps} is a multiple of steps_per_generation="
+            f"{a.steps_per_generation} × num_iterations={self.num_iterations}, so TRL computes no old log-probs). "
+            "Set num_iterations > 1, or steps_per_generation > gradient_accumulation_steps "
+            "(e.g. steps_per_generation = 2 × gradient_accumulation_steps).", ZeroAttentionTermWarning, stacklevel=3)
+
+    def _check_teacher(self, teacher, teacher_tok):
+        st = self.processing_class
+        st = getattr(st, "tokenizer", st)
+        if teacher_tok is not None:
+            tt = getattr(teacher_tok, "tokenizer", teacher_tok)
+            if hasattr(st, "get_vocab") and hasattr(tt, "get_vocab") and st.get_vocab() != tt.get_vocab():
+                raise TeacherMisalignmentError(
+                    "the teacher's tokenizer differs from the student's (different vocabularies): on-policy attention "
+                    "distillation runs the teacher on the student's sampled tokens, so both must share one tokenizer")
+        s_cfg, t_cfg = _base_model(self.model).config, teacher.config
+        s_tc = getattr(s_cfg, "text_config", None) or s_cfg
+        t_tc = getattr(t_cfg, "text_config", None) or t_cfg
+        sv, tv = getattr(s_tc, "vocab_size", None), getattr(t_tc, "vocab_size", None)
+        if sv is not None and tv is not None and sv != tv:
+            raise TeacherMisalignmentError(f"teacher vocab_size {tv} != student vocab_size {sv}: the teacher must use "
+                                           "the student's tokenizer")
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id"):
+            a, b = getattr(s_cfg, key, None), getattr(t_cfg, key, None)
+            if a is not None and b is not None and a != b:
+                raise TeacherMisalignmentError(f"teacher {key}={b} but student {key}={a}: the sequence layouts "
+                                               "(where image/video tokens sit) do not match")
+
+    # ------------------------------------------------------------------ capture (old log-prob pass)
+    def _generate_and_score_completions(self, inputs):
+        want = bool(self.model.training and self.args.attention_coef and self._ral_needs_old)
+        self._ral_capture_next = want
+        self._ral_capture_parts = None
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            self._ral_capture_next = False
+        parts, self._ral_capture_parts = self._ral_capture_parts, None
+        if want:
+            if not parts or "old_per_token_logps" not in out:
+                raise PatchError("RAL: TRL did not run the old-log-prob pass that the attention capture hooks into "
+                                 f"(trl {__import__('trl').__version__}); supported range {TRL_RANGE}")
+            old = _cat_policies(parts)
+            b = out["completion_ids"].shape[0]
+            if old.batch_size != b:
+                raise PatchError(f"RAL: captured {old.batch_size} sequences but the rollout batch has {b}")
+            self._ral_old = old
+            out["ral_index"] = torch.arange(b, device=out["completion_ids"].device)
+        return out
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           *args, **kwargs):
+        if not self._ral_capture_next:
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              batch_size, *args, **kwargs)
+        self._ral_capture_next = False  # only the old-policy pass (the first one), never the reference model's
+        patch, parts, state = self.ral_patch, [], {}
+
+        def pre(mod, a, kw):
+            cm = patch.capture(num_rows=logits_to_keep + 1)
+            state["ctx"] = cm.__enter__()
+            state["cm"] = cm
+
+        def post(mod, a, kw, output):
+            cm = state.pop("cm")
+            cm.__exit__(None, None, None)
+            parts.append(state.pop("ctx").old_policy)
+
+        h1 = model.register_forward_pre_hook(pre, with_kwargs=True)
+        h2 = model.register_forward_hook(post, with_kwargs=True)
+        try:
+            res = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                             batch_size, *args, **kwargs)
+        finally:
+            h1.remove()
+            h2.remove()
+            if "cm" in state:  # the forward raised: leave capture mode
+                state.pop("cm").__exit__(None, None, None)
+        self._ral_capture_parts = parts
+        return res
+
+    # ------------------------------------------------------------------ loss
+    def _ral_normalizer(self, inputs, mode):
+        """Returns (ral_loss loss_type, num_items_in_batch, divide_by) matching TRL's normalization."""
+        lt = _LOSS_MAP[self.loss_type]
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if lt == "dapo":
+            n = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                n = n * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            return lt, n, 1.0
+        return lt, None, ga
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        coef, tcoef = self.args.attention_coef, self.args.teacher_attention_coef
+        idx = inputs.get("ral_index")
+        use_old = bool(coef) and idx is not None and self._ral_old is not None and mode == "train"
+        use_teacher = bool(tcoef) and self.teacher_patch is not None
+        if not use_old and not use_teacher:
+            if coef and mode == "train":
+                self._metrics[mode]["ral/attention_loss"].append(0.0)
+            return super()._compute_loss(model, inputs)
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        p, c = prompt_ids.shape[1], completion_ids.shape[1]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        rows = torch.zeros(mask.shape[0], p + c, dtype=torch.bool, device=mask.device)
+        rows[:, p - 1:p + c - 1] = mask.bool()  # row t-1 produces completion token t
+        self._no_checkpoint_on_patched_layers()
+        old = self._ral_old.select(idx) if use_old else None
+        teacher = self._teacher_capture(inputs, p, c) if use_teacher else None
+        with self.ral_patch.update(old, rows, divergence=self.args.attention_divergence, teacher=teacher,
+                                   teacher_divergence=self.args.teacher_attention_divergence) as upd:
+            loss = super()._compute_loss(model, inputs)
+        lt, n_items, div_by = self._ral_normalizer(inputs, mode)
+        kw = dict(loss_type=lt, max_completion_length=self.max_completion_length, num_items_in_batch=n_items)
+        m = mask.float()
+        if use_old:
+            div = upd.divergence[:, p - 1:p + c - 1]
+            adv = inputs["advantages"].float()
+            term = ral_kernels.ral_loss(div, adv, mask, **kw) / div_by
+            loss = loss + coef * term.to(loss.dtype)
+            self._log_ral(mode, "ral/attention_loss", "ral/attention_div", term * div_by, div, m)
+        if use_teacher:
+            tdiv = upd.teacher_divergence[:, p - 1:p + c - 1]
+            ones = torch.ones(tdiv.shape[0], device=tdiv.device)
+            tterm = ral_kernels.ral_loss(tdiv, ones, mask, **kw) / div_by
+            loss = loss + tcoef * tterm.to(loss.dtype)
+            self._log_ral(mode, "ral/teacher_attention_loss", "ral/teacher_attention_div", tterm * div_by, tdiv, m)
+        return loss
+
+    def _no_checkpoint_on_patched_layers(self):
+        from ..models import decoder_layers
+        layers = decoder_layers(self.ral_patch.model)
+        for i in self.ral_patch.layers:
+            if getattr(layers[i], "gradient_checkpointing", False):
+                layers[i].gradient_checkpointing = False
+
+    def _log_ral(self, mode, loss_key, div_key, term, div, m):
+        g = self.accelerator.gather
+        self._metrics[mode][loss_key].append(g(term.detach().reshape(1)).nanmean().item())
+        num = g((div.detach() * m).sum().reshape(1)).sum()
+        den = g(m.sum().reshape(1)).sum().clamp(min=1.0)
+        self._metrics[mode][div_key].append((num / den).item())
+
+    @torch.no_grad()
+    def _teacher_capture(self, inputs, p, c) -> OldPolicy:
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        extra = {k: inputs[k] for k in _MM_KEYS if inputs.get(k) is not None}
+        with self.teacher_patch.capture(num_rows=c + 1) as tc:
+            with self.accelerator.autocast():
+                self.teacher_model(input_ids=ids, attention_mask=am, logits_to_keep=1, **extra)
+        if tc.old_policy is None:
+            raise TeacherMisalignmentError("the teacher's forward did not reach its patched attention layer")
+        return tc.old_policy
