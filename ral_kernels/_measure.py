@@ -74,21 +74,7 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu")
     work would otherwise hide new allocations (and the pinned threshold slows allocation,
     so do not time in that process).
     """
-    device = torch.device(device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    pin_cpu_allocator()
-    if not _reset_cpu_peak():
-        return None
-    base = _status_kb("VmRSS")
-    fn()
-    return (_status_kb("VmHWM") - base) / 1024
+    return peak_memory_split_mb(fn, None, device)[0]
 
 
 def in_fresh_process(fn: Callable, *args):
