@@ -83,10 +83,11 @@ def ral_loss(
     - ``"seq-mean-token-mean"``: ``sum_b (S_b / max(n_b, 1)) / max(#{b : n_b > 0}, 1)``.
       Same as "grpo" except for that sequence count (verl divides by ``n_b + 1e-8``; the
       two agree for 0/1 masks).
-    - ``"seq-mean-token-sum-norm"`` (verl's Dr. GRPO): ``sum_b S_b / L`` with the constant
-      ``L = max_completion_length`` (verl's ``loss_scale_factor``; default ``T``, which is
-      verl's default ``loss_mask.shape[-1]``, the padded response length). Unlike TRL's
-      "dr_grpo" there is no division by ``B``.
+    - ``"seq-mean-token-sum-norm"`` (verl's Dr. GRPO): "seq-mean-token-sum" divided by the
+      constant ``L = max_completion_length`` (verl's ``loss_scale_factor``; default ``T``,
+      verl's default ``loss_mask.shape[-1]``, the padded response length):
+      ``sum_b S_b / max(#{b : n_b > 0}, 1) / L``, as in verl 0.9's ``agg_loss``. TRL's
+      "dr_grpo" divides by all ``B`` sequences instead.
 
     Args:
         div: per-token divergence, floating point, ``[B, T]``, or ``[B, H, T]`` per head
@@ -180,10 +181,9 @@ def ral_loss(
         if num_items_in_batch is None:
             return total / seq_len.sum().clamp(min=1.0)
         return total / _as_normalizer(num_items_in_batch, dtype, div.device)
-    if loss_type == "seq-mean-token-sum-norm":
-        return total / L
-
     num_seqs = (seq_len > 0).to(dtype).sum().clamp(min=1.0)
+    if loss_type == "seq-mean-token-sum-norm":
+        return total / num_seqs / L
     if loss_type == "seq-mean-token-sum":
         return total / num_seqs
     # "seq-mean-token-mean"

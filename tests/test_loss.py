@@ -62,7 +62,7 @@ def reference(div, adv, mask, loss_type, L=None, n_items=None):
     if loss_type == "seq-mean-token-mean":
         return sum(s / max(k, 1) for s, k in zip(S, n)) / max(nonempty, 1)
     if loss_type == "seq-mean-token-sum-norm":
-        return sum(S) / L
+        return sum(S) / max(nonempty, 1) / L
     raise AssertionError(loss_type)
 
 
@@ -136,7 +136,8 @@ def test_known_relations(gen):
     assert_close(f("bnpo"), f("dapo"))
     assert_close(f("bnpo"), f("token-mean"))
     B, T = mask.shape
-    assert_close(f("dr_grpo"), f("seq-mean-token-sum-norm") / B)
+    # dr_grpo divides by all B sequences, verl's norm mode by the non-empty ones (one is empty).
+    assert_close(f("dr_grpo") * B, f("seq-mean-token-sum-norm") * (B - 1))
     # grpo averages over all B sequences, verl over the non-empty ones (one is empty).
     assert_close(f("grpo") * B, f("seq-mean-token-mean") * (B - 1))
 
