@@ -2,6 +2,8 @@
 
 - :mod:`ral_trainer.adapters.trl`: :class:`RALGRPOTrainer` / :class:`RALGRPOConfig`, a
   drop-in subclass of TRL's ``GRPOTrainer`` (TRL ``>=1.0,<2``).
+- :mod:`ral_trainer.adapters.verl`: :class:`RALVerlAdapter`, hooks verl's actor FSDP
+  engine (verl ``>=0.9,<0.10``), and ``RALActorRolloutRefWorker`` for Ray launches.
 
 The adapters import their trainer lazily: ``import ral_trainer.adapters`` works without
 TRL installed; ``from ral_trainer.adapters.trl import RALGRPOTrainer`` needs it.
