@@ -19,14 +19,17 @@ import os
 import pytest
 import torch
 
-verl = pytest.importorskip("verl")
+verl = pytest.importorskip(
+    "verl", reason="verl is not a test dependency: verl 0.9.1 declares transformers<5.11, which pip cannot install "
+                   "beside this project's transformers>=5.17; install it with pip install --no-deps 'verl==0.9.*' "
+                   "and the [verl] extra to run these tests")
 
 import ral_kernels  # noqa: E402
 from ral_trainer.adapters import UnsupportedVersionError  # noqa: E402
 from ral_trainer.models import UnsupportedArchitectureError, tiny_model  # noqa: E402
 from ral_trainer.patch import PatchError  # noqa: E402
 
-va = pytest.importorskip("ral_trainer.adapters.verl")
+import ral_trainer.adapters.verl as va  # noqa: E402
 
 from tensordict import TensorDict  # noqa: E402
 from verl.trainer.ppo.core_algos import agg_loss  # noqa: E402
