@@ -81,6 +81,40 @@ def _div_terms(p, r, DIVERGENCE: tl.constexpr):
     return tl.where(on, t, 0.0), tl.where(on, g, 0.0)
 
 
+@triton.jit
+def _masked_scores(q, k_base, offs_m, offs_n, offs_d, D, Tq, Tk, skn, scale_s, KMASK, b,
+                   CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, INPUT_PREC: tl.constexpr):
+    """Scores of a query tile against keys ``offs_n`` (-inf where not allowed) and the
+    transposed key tile ``[BLOCK_D, BLOCK_N]`` they came from."""
+    kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None],
+                 mask=(offs_n < Tk)[None, :] & (offs_d < D)[:, None], other=0.0)
+    s = tl.dot(q, kt, input_precision=INPUT_PREC) * scale_s
+    s = tl.where(_allowed(offs_m, offs_n, Tq, Tk, KMASK, b, CAUSAL, HAS_KMASK), s, float("-inf"))
+    return s, kt
+
+
+@triton.jit
+def _online_softmax(m_i, l_i, ls_i, s, offs_m, offs_n, Tq, Tk, EXCLUDE_SELF: tl.constexpr):
+    """One key tile of the running max / sum of exponentials (and the support's share,
+    without the self position). Returns the new state, the rescale factor and exp(s - m)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    corr = tl.exp(m_i - m_use)
+    p = tl.exp(s - m_use[:, None])
+    l_i = l_i * corr + tl.sum(p, axis=1)
+    if EXCLUDE_SELF:
+        ls_i = ls_i * corr + tl.sum(tl.where(_is_self(offs_m, offs_n, Tq, Tk), 0.0, p), axis=1)
+    return m_new, l_i, ls_i, corr, p
+
+
+@triton.jit
+def _finish_lse(m_i, l_i):
+    """``(l_safe, lse)``: the sum with empty rows set to 1, and the log-sum-exp (+inf for
+    a row with no key, flash-attn's convention)."""
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    return l_safe, tl.where(l_i > 0, m_i + tl.log(l_safe), float("inf"))
+
+
 # --------------------------------------------------------------------------- forward
 
 @triton.jit
@@ -112,27 +146,17 @@ def _attn_fwd_kernel(
     hi = _key_end((pid_m + 1) * BLOCK_M, Tq, Tk, CAUSAL)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None],
-                    mask=(offs_n < Tk)[None, :] & (offs_d < D)[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=INPUT_PREC) * scale_s
-        ok = _allowed(offs_m, offs_n, Tq, Tk, KMASK, b, CAUSAL, HAS_KMASK)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        corr = tl.exp(m_i - m_use)
-        p = tl.exp(s - m_use[:, None])
-        l_i = l_i * corr + tl.sum(p, axis=1)
-        if EXCLUDE_SELF:
-            ls_i = ls_i * corr + tl.sum(tl.where(_is_self(offs_m, offs_n, Tq, Tk), 0.0, p), axis=1)
+        s, _ = _masked_scores(q, k_base, offs_m, offs_n, offs_d, D, Tq, Tk, skn, scale_s, KMASK, b,
+                              CAUSAL, HAS_KMASK, INPUT_PREC)
+        m_new, l_i, ls_i, corr, p = _online_softmax(m_i, l_i, ls_i, s, offs_m, offs_n, Tq, Tk, EXCLUDE_SELF)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :],
                     mask=(offs_n < Tk)[:, None] & (offs_dv < D_V)[None, :], other=0.0)
         acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PREC)
         m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    l_safe, lse = _finish_lse(m_i, l_i)
     out = acc / l_safe[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m < Tq)[:, None] & (offs_dv < D_V)[None, :])
-    lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("inf"))
     tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)
     if EXCLUDE_SELF:
         R = Tq - r0
@@ -170,20 +194,10 @@ def _old_stats_kernel(
     hi = _key_end(r0 + (pid_m + 1) * BLOCK_M, Tq, Tk, CAUSAL)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None],
-                    mask=(offs_n < Tk)[None, :] & (offs_d < D)[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=INPUT_PREC) * scale_s
-        s = tl.where(_allowed(offs_m, offs_n, Tq, Tk, KMASK, b, CAUSAL, HAS_KMASK), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        corr = tl.exp(m_i - m_use)
-        p = tl.exp(s - m_use[:, None])
-        l_i = l_i * corr + tl.sum(p, axis=1)
-        if EXCLUDE_SELF:
-            ls_i = ls_i * corr + tl.sum(tl.where(_is_self(offs_m, offs_n, Tq, Tk), 0.0, p), axis=1)
-        m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("inf"))
+        s, _ = _masked_scores(q, k_base, offs_m, offs_n, offs_d, D, Tq, Tk, skn, scale_s, KMASK, b,
+                              CAUSAL, HAS_KMASK, INPUT_PREC)
+        m_i, l_i, ls_i, _, _ = _online_softmax(m_i, l_i, ls_i, s, offs_m, offs_n, Tq, Tk, EXCLUDE_SELF)
+    l_safe, lse = _finish_lse(m_i, l_i)
     tl.store(LSEO + pid_bh * R + offs_r, lse, mask=offs_r < R)
     if EXCLUDE_SELF:
         mass = ls_i / l_safe
@@ -378,11 +392,9 @@ def _attn_bwd_dq_kernel(
     hi = _key_end((pid_m + 1) * BLOCK_M, Tq, Tk, CAUSAL)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None],
-                     mask=(offs_n < Tk)[None, :] & (offs_d < D)[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=INPUT_PREC) * sm_scale
-        ok = _allowed(offs_m, offs_n, Tq, Tk, KMASK, b, CAUSAL, HAS_KMASK)
-        alpha = tl.where(ok, tl.exp(s - lse_r[:, None]), 0.0)
+        s, kt = _masked_scores(q, k_base, offs_m, offs_n, offs_d, D, Tq, Tk, skn, sm_scale, KMASK, b,
+                               CAUSAL, HAS_KMASK, INPUT_PREC)
+        alpha = tl.exp(s - lse_r[:, None])  # 0 off the allowed keys (s = -inf there)
         vt = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None],
                      mask=(offs_n < Tk)[None, :] & (offs_dv < D_V)[:, None], other=0.0)
         dp = tl.dot(do, vt, input_precision=INPUT_PREC)
