@@ -42,10 +42,15 @@ DRY_SHAPES = {name: (b, 4, 2, 96, 32, max(16, rows * 96 // t), dv, hr)
               for name, (b, _, _, t, _, rows, dv, hr) in SHAPES.items()}
 
 
-def attn_flops(b, hq, t, d, causal=True, mode="fwd"):
-    """FLOPs of causal attention: 2 matmuls forward, 5 backward, half the square."""
-    per = 2 * b * hq * t * t * d * (0.5 if causal else 1.0)
-    return per * {"fwd": 2, "bwd": 5, "fwd+bwd": 7}[mode]
+def attn_flops(shape, mode):
+    """Attention-only FLOPs of one call, in ral-bench's convention (causal visible pairs;
+    2 matmuls forward, 5 backward)."""
+    from ral_kernels.bench.config import Shape
+    from ral_kernels.bench.harness import flops
+
+    b, hq, hk, t, d, rows, divergence, head_reduction = shape
+    bench_shape = Shape(batch=b, heads=hq, kv_heads=hk, seq_len=t, head_dim=d, div_rows=rows)
+    return flops(bench_shape, {"fwd": "forward", "fwd+bwd": "full"}[mode], with_divergence=False)
 
 
 def make(shape, device, dtype):
@@ -121,8 +126,7 @@ def run_benchmarks(shapes, device, dtype, providers):
                         torch.cuda.reset_peak_memory_stats()
                     med, p20, p80 = bench(fn, device)
                     row.update(median_ms=med, p20_ms=p20, p80_ms=p80)
-                    b, hq, _, t, d = shape[:5]
-                    row["tflops"] = attn_flops(b, hq, t, d, mode=mode) / (med * 1e-3) / 1e12
+                    row["tflops"] = attn_flops(shape, mode) / (med * 1e-3) / 1e12
                     if device.type == "cuda":
                         row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 except torch.OutOfMemoryError:

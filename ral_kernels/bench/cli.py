@@ -33,6 +33,15 @@ def _split(values) -> list[str]:
     return [x.strip() for x in out]
 
 
+def _choices(values, valid, what: str) -> list[str]:
+    """Split ``values`` and check each is one of ``valid`` (ValueError naming them)."""
+    vals = _split(values)
+    bad = [v for v in vals if v not in valid]
+    if bad:
+        raise ValueError(f"unknown {what} {bad[0]!r}; valid: {', '.join(valid)}")
+    return vals
+
+
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ral-bench", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,17 +103,9 @@ def _overrides(args, p) -> dict:
         if args.div_rows:
             o["div_rows"] = args.div_rows
         if args.divergences:
-            vals = _split(args.divergences)
-            bad = [v for v in vals if v not in DIVERGENCES]
-            if bad:
-                raise ValueError(f"unknown divergence {bad[0]!r}; valid: {', '.join(DIVERGENCES)}")
-            o["divergence"] = vals
+            o["divergence"] = _choices(args.divergences, DIVERGENCES, "divergence")
         if args.head_reductions:
-            vals = _split(args.head_reductions)
-            bad = [v for v in vals if v not in HEAD_REDUCTIONS]
-            if bad:
-                raise ValueError(f"unknown head reduction {bad[0]!r}; valid: {', '.join(HEAD_REDUCTIONS)}")
-            o["head_reduction"] = vals
+            o["head_reduction"] = _choices(args.head_reductions, HEAD_REDUCTIONS, "head reduction")
         if args.dtype:
             o["dtype"] = [parse_dtype(args.dtype)]
     except ValueError as e:

@@ -18,6 +18,20 @@ class UnsupportedVersionError(ImportError):
     """The installed trainer package's version is outside the range an adapter supports."""
 
 
+def check_version(package: str, version: str, low: str, high: str, what: str = ""):
+    """Raise :class:`UnsupportedVersionError`, naming the range, unless
+    ``low <= version < high``; returns the parsed version."""
+    from packaging.version import Version
+
+    v = Version(version)
+    if not (Version(low) <= v < Version(high)):
+        spec = f"{package}>={low},<{high}"
+        raise UnsupportedVersionError(
+            f"ral_trainer.adapters.{package} supports {spec}{what}, but {package} {version} is installed: "
+            f"pip install '{spec}'")
+    return v
+
+
 def __getattr__(name):
     if name in ("RALGRPOTrainer", "RALGRPOConfig"):
         from . import trl as _trl

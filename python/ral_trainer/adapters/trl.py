@@ -44,9 +44,8 @@ import ral_kernels
 from ..losses import TeacherMisalignmentError
 from ..patch import LayerCapture, OldPolicy, PatchError, patch_model
 from ..trainer import ZeroAttentionTermWarning
-from . import UnsupportedVersionError
+from . import UnsupportedVersionError, check_version
 
-TRL_SUPPORTED = (">=1.0", "<2")
 TRL_RANGE = "trl>=1.0,<2"
 
 
@@ -55,13 +54,7 @@ def _check_trl_version():
         import trl
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f"ral_trainer.adapters.trl needs TRL ({TRL_RANGE}): pip install 'ral_kernels[trl]'") from e
-    from packaging.version import Version
-
-    v = Version(trl.__version__)
-    if not (Version("1.0") <= v < Version("2")):
-        raise UnsupportedVersionError(
-            f"ral_trainer.adapters.trl supports {TRL_RANGE}, but trl {trl.__version__} is installed: "
-            f"pip install '{TRL_RANGE}'")
+    check_version("trl", trl.__version__, "1.0", "2")
     return trl
 
 

@@ -46,7 +46,7 @@ import ral_kernels
 from ..models import decoder_layers
 from ..patch import LayerCapture, OldPolicy, PatchError, patch_model
 from ..trainer import ZeroAttentionTermWarning
-from . import UnsupportedVersionError
+from . import UnsupportedVersionError, check_version
 
 VERL_RANGE = "verl>=0.9,<0.10"
 
@@ -54,8 +54,6 @@ VERL_RANGE = "verl>=0.9,<0.10"
 def _check_verl_version(version: Optional[str] = None):
     """Raise :class:`UnsupportedVersionError` unless ``version`` (default: the installed
     verl's) is in :data:`VERL_RANGE`."""
-    from packaging.version import Version
-
     if version is None:
         try:
             import verl
@@ -63,12 +61,8 @@ def _check_verl_version(version: Optional[str] = None):
             raise ImportError(f"ral_trainer.adapters.verl needs verl ({VERL_RANGE}): "
                               "pip install 'ral_kernels[verl]'") from e
         version = verl.__version__
-    v = Version(version)
-    if not (Version("0.9") <= v < Version("0.10")):
-        raise UnsupportedVersionError(
-            f"ral_trainer.adapters.verl supports {VERL_RANGE} (the engine-based actor: FSDPEngineWithLMHead."
-            f"forward_step), but verl {version} is installed: pip install '{VERL_RANGE}'")
-    return v
+    return check_version("verl", version, "0.9", "0.10",
+                         " (the engine-based actor: FSDPEngineWithLMHead.forward_step)")
 
 
 _check_verl_version()
