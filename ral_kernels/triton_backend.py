@@ -10,14 +10,14 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 
 from . import _triton_kernels as kern
-from ._semantics import DIVERGENCES, support_mass_from_lse
+from . import _kernel_glue as glue
+from ._semantics import DIVERGENCES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -108,18 +108,10 @@ def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale, 
             CAUSAL=causal, HAS_KMASK=has_km, EXCLUDE_SELF=exclude_self, INPUT_PREC=prec,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(do), **launch)
     else:
-        lse_old = lse_old.float()
-        lse_old = torch.where(torch.isneginf(lse_old), torch.full_like(lse_old, math.inf), lse_old).contiguous()
-        mass_old = support_mass_from_lse(lse_old, q_old.float() * old_sm_scale, k_old, r0, tq, tk, key_mask,
-                                         exclude_self)
+        lse_old, mass_old = glue.old_lse_and_mass(lse_old, q_old, k_old, old_sm_scale, r0, tq, tk, key_mask,
+                                                  exclude_self)
     mass_cur = mass if track_self else torch.isfinite(lse[:, :, r0:]).float()
-    zc = mass_cur.view(b, groups, n, n_old).mean(2)
-    zoc = mass_old.view(b, groups, n_o, n_old).mean(2)
-    valid = (zc > 0) & (zoc > 0)
-    if query_mask is not None:
-        valid = valid & query_mask[:, None, r0:]
-    z = torch.where(valid, zc, torch.zeros_like(zc)).contiguous()
-    z_old = zoc.contiguous()
+    z, z_old = glue.group_supports(mass_cur, mass_old, query_mask, r0, groups)
     a_stat = torch.zeros(b, hq, n_old, dtype=torch.float32, device=dev)
     kern._div_fwd_kernel[(triton.cdiv(n_old, bm), b * groups)](
         q, k, lse, q_old, k_old, lse_old, z, z_old, km, div, e_stat, a_stat,
@@ -128,9 +120,7 @@ def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale, 
         *q_old.stride()[:3], *k_old.stride()[:3], *lse_old.stride()[:2], d, do,
         DIVERGENCE=DIVERGENCES.index(divergence), CAUSAL=causal, HAS_KMASK=has_km, EXCLUDE_SELF=exclude_self,
         INPUT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DO=_pow2(do), **launch)
-    zs = torch.where(z > 0, z, torch.ones_like(z)).repeat_interleave(n, 1)
-    c_stat = torch.where(z.repeat_interleave(n, 1) > 0,
-                         (a_stat - e_stat.repeat_interleave(n, 1) * mass_cur) / zs, torch.zeros_like(a_stat))
+    c_stat = glue.row_coupling(a_stat, e_stat, mass_cur, z)
     return out, (div[:, 0] if groups == 1 else div), lse, lse_old, z, z_old, e_stat, c_stat
 
 
@@ -152,13 +142,7 @@ def bwd(dout, ddiv, q, k, v, q_old, k_old, out, lse, lse_old, z, z_old, e_stat, 
     prec = _prec(q.dtype)
     km, has_km = _kmask(key_mask, q)
 
-    delta = (dout.float() * out.float()).sum(-1)
-    w = None
-    if ddiv is not None and n_old > 0:
-        w = ddiv.float()
-        w = ((w[:, None] if w.dim() == 2 else w)[:, :, r0:] * (z > 0) / n).contiguous()
-        delta[:, :, r0:] += w.repeat_interleave(n, 1) * c_stat  # the -alpha_h c_h part of dS
-    delta = delta.contiguous()
+    delta, w = glue.effective_delta(dout, out, ddiv, z, c_stat, r0)
 
     dq = _alloc((b, hq, tq, bd), torch.float32, dev)
     dk = _alloc((b, hk, tk, bd), torch.float32, dev)
