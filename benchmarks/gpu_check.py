@@ -4,9 +4,10 @@
     python benchmarks/gpu_check.py --dry-run  # here: the same code path, tiny shapes, CPU
     python -m ral_kernels._compile_check 80 90  # here: every kernel compiled for sm_80 / sm_90
 
-Steps: record the environment; run the test suite on CUDA (every backend against the
-reference, bfloat16 included); time SDPA attention alone, the fused Triton op and eager
-materialized attention + divergence, forward and forward+backward, on shapes A and B of the
+Steps: record the environment (and how long ``gpu_check.sh`` took to build the CUDA
+extension); run the test suite on CUDA (every backend against the reference, bfloat16
+included, the CUDA C++ kernels too); time SDPA attention alone, the fused Triton op, the
+fused CUDA C++ op and eager materialized attention + divergence, forward and forward+backward, on shapes A and B of the
 Triton issue (and a T=32768 run where eager cannot fit); write ``gpu_check.json`` and
 ``gpu_check.md`` to ``--out`` (default ``$OUT``) and print the table.
 
@@ -67,7 +68,7 @@ def make(shape, device, dtype):
 
 
 def provider_fn(name, shape, tensors, mode):
-    """A closure running ``mode`` for ``name`` ("sdpa", "triton", "eager")."""
+    """A closure running ``mode`` for ``name`` ("sdpa", "triton", "cuda", "eager")."""
     import ral_kernels
 
     b, hq, hk, t, d, rows, div_name, hr = shape
@@ -77,7 +78,7 @@ def provider_fn(name, shape, tensors, mode):
     def forward():
         if name == "sdpa":
             return (F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),)
-        backend = "triton" if name == "triton" else "reference"
+        backend = name if name in ("triton", "cuda") else "reference"
         return ral_kernels.fused_attn_kl(q, k, v, q_old, k_old, divergence=div_name, head_reduction=hr,
                                          causal=True, backend=backend)
 
@@ -159,12 +160,25 @@ def table(rows):
     return "\n".join(lines)
 
 
+def cuda_extension_status() -> str:
+    """How ``backend="cuda"`` gets its kernels here: prebuilt (and the build time that
+    gpu_check.sh recorded), built just in time, or why it cannot run."""
+    import importlib.util
+
+    from ral_kernels import _cuda_build
+
+    if importlib.util.find_spec("ral_kernels._C") is not None:
+        return f"prebuilt ral_kernels._C ({os.environ.get('RAL_BUILD_SECONDS', '?')} s to build with pip)"
+    return _cuda_build.unavailable_reason() or "ral_kernels._C not prebuilt: built just in time on first use"
+
+
 def environment():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO).stdout.strip() or "unknown"
     env = dict(time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=commit,
                python=platform.python_version(), torch=torch.__version__,
                cuda=torch.version.cuda, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    env["cuda_extension"] = cuda_extension_status()
     try:
         import triton
 
@@ -176,7 +190,7 @@ def environment():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dry-run", action="store_true", help="CPU: tiny shapes, Triton interpreter")
+    p.add_argument("--dry-run", action="store_true", help="CPU: tiny shapes, Triton interpreter, CUDA emulator")
     p.add_argument("--out", default=os.environ.get("OUT", os.path.join(REPO, "gpu_check_out")))
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--test-timeout", type=int, default=150)
@@ -184,7 +198,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
-        device, dtype, shapes = torch.device("cpu"), torch.float32, DRY_SHAPES
+        os.environ["RAL_CUDA_EMULATION"] = "1"
+        device, dtype, shapes = torch.device("cpu"), torch.float16, DRY_SHAPES
     else:
         if not torch.cuda.is_available():
             p.error("no CUDA device: use --dry-run on a CPU machine")
@@ -194,7 +209,8 @@ def main(argv=None):
 
     result = dict(env=env, dry_run=args.dry_run, tests=None, rows=[])
     if not args.skip_tests:
-        tests = ["tests/test_fused_attn_kl.py", "tests/test_varlen.py", "tests/test_api.py"]
+        tests = ["tests/test_fused_attn_kl.py", "tests/test_cuda_backend.py", "tests/test_varlen.py",
+                 "tests/test_api.py"]
         if args.dry_run:
             tests = ["tests/test_fused_attn_kl.py::test_zero_at_old_policy"]
         t0 = time.time()
@@ -209,10 +225,10 @@ def main(argv=None):
             result["tests"] = dict(rc=None, summary=f"timed out after {args.test_timeout}s")
         print("tests:", result["tests"], flush=True)
 
-    result["rows"] = run_benchmarks(shapes, device, dtype, ["sdpa", "triton", "eager"])
+    result["rows"] = run_benchmarks(shapes, device, dtype, ["sdpa", "triton", "cuda", "eager"])
     md = (f"GPU check: {env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
           f"commit {env['commit']}, {env['time']}{' (DRY RUN: CPU, tiny shapes)' if args.dry_run else ''}\n\n"
-          f"Tests: {result['tests']}\n\n" + table(result["rows"]) + "\n")
+          f"CUDA extension: {env['cuda_extension']}\n\nTests: {result['tests']}\n\n" + table(result["rows"]) + "\n")
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:

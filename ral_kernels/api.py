@@ -40,11 +40,18 @@ def _unavailable_reason(backend: str, device: torch.device, dtype: Optional[torc
             return f"the Triton kernels take head dims up to 256, got {head_dim}"
         return None
     if backend == "cuda":
-        if importlib.util.find_spec("ral_kernels.cuda_backend") is None:
-            return "the CUDA C++ kernels are not part of this release yet"
+        from . import _cuda_build, cuda_backend
+
+        if device.type != "cuda" and not cuda_backend.emulation_enabled():
+            return (f"the CUDA kernels need CUDA tensors (got {device.type}; set RAL_CUDA_EMULATION=1 to run "
+                    "them in the CPU emulator)")
+        if dtype is not None and dtype not in cuda_backend.SUPPORTED_DTYPES:
+            return f"the CUDA kernels take float16 or bfloat16 inputs, got {dtype}"
+        if head_dim > cuda_backend.MAX_HEAD_DIM:
+            return f"the CUDA kernels take head dims up to {cuda_backend.MAX_HEAD_DIM}, got {head_dim}"
         if device.type != "cuda":
-            return f"the CUDA kernels need CUDA tensors (got {device.type})"
-        return None
+            return _cuda_build.emulator_unavailable_reason()
+        return _cuda_build.unavailable_reason()
     return f"unknown backend {backend!r}"
 
 

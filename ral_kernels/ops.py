@@ -22,6 +22,8 @@ def _impl(name: str):
     if name not in _IMPLS:
         if name == "triton":
             from . import triton_backend as module
+        elif name == "cuda":
+            from . import cuda_backend as module
         else:
             raise ValueError(f"no implementation registered for backend {name!r}")
         _IMPLS[name] = module

@@ -12,8 +12,10 @@ import torch
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be switched on
 # before anything imports triton.
+# Likewise the CUDA C++ kernels run in the CPU emulator (csrc/emu).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("RAL_CUDA_EMULATION", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -153,12 +155,13 @@ def small_blocks(monkeypatch):
 @pytest.fixture
 def poison(monkeypatch):
     """Fill the backends' output buffers with NaN before the kernels write them."""
-    from ral_kernels import torch_backend
+    from ral_kernels import cuda_backend, torch_backend
 
     def nan_alloc(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(torch_backend, "_alloc", nan_alloc)
+    monkeypatch.setattr(cuda_backend, "_alloc", nan_alloc)
     if HAS_TRITON:
         from ral_kernels import triton_backend
 

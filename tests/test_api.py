@@ -61,10 +61,13 @@ def test_bad_input_is_named(over, kw, exc, match):
 def test_backend_resolution_on_cpu(monkeypatch):
     assert resolve_backend("auto", "cpu") == "torch"  # the interpreter is never picked automatically
     assert "torch" in available_backends("cpu") and "reference" in available_backends("cpu")
-    with pytest.raises(BackendUnavailableError, match="backend='cuda' cannot run: "):
-        call(inputs(), backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' cannot run: .*float16 or bfloat16"):
+        call(inputs(), backend="cuda")  # float64 inputs
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("RAL_CUDA_EMULATION", raising=False)
     assert available_backends("cpu") == ["torch", "reference"]
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' cannot run: .*CUDA tensors.*RAL_CUDA_EMULATION"):
+        call(inputs(), backend="cuda")
     with pytest.raises(BackendUnavailableError, match="backend='triton' cannot run: .*(CUDA tensors|not installed)"):
         call(inputs(), backend="triton")
     if HAS_TRITON:
@@ -72,6 +75,10 @@ def test_backend_resolution_on_cpu(monkeypatch):
             resolve_backend("triton", "cuda", torch.float64)
         with pytest.raises(BackendUnavailableError, match="head dims up to 256, got 320"):
             resolve_backend("triton", "cuda", torch.float16, 320)
+    with pytest.raises(BackendUnavailableError, match="float16 or bfloat16 inputs, got torch.float32"):
+        resolve_backend("cuda", "cuda", torch.float32)
+    with pytest.raises(BackendUnavailableError, match="head dims up to 128, got 160"):
+        resolve_backend("cuda", "cuda", torch.float16, 160)
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("eager")
 

@@ -239,11 +239,16 @@ def _backend_reason(name: str):
     def reason(device, shape):
         from ..api import BackendUnavailableError, resolve_backend
         try:
-            resolve_backend(name, device)
+            if shape is None:
+                resolve_backend(name, device)
+            else:
+                resolve_backend(name, device, getattr(torch, shape.dtype), shape.head_dim)
         except BackendUnavailableError as e:
             return str(e)
         if name == "triton" and device.type != "cuda":
             return "Triton on the CPU only runs under TRITON_INTERPRET=1, far too slow to benchmark"
+        if name == "cuda" and device.type != "cuda":
+            return "the CUDA kernels on the CPU only run in the emulator (RAL_CUDA_EMULATION=1), far too slow to benchmark"
         return None
     return reason
 

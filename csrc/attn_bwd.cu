@@ -1,0 +1,183 @@
+// Flash backward with the divergence's row term folded into delta:
+//   dS = alpha * (dP - delta),  delta = rowsum(dO * O) + w c_h / n   (computed by the caller)
+// dk/dv: one block per (64-key block, KV head), warps own 16 keys each and work on
+//   transposed tiles S^T = K Q^T, so dV += P^T dO and dK += dS^T Q need no atomics;
+//   the GQA query heads of the KV head are summed in the same block.
+// dq: one block per (64-row block, query head): dQ += dS K.
+// All gradients are written once, in fp32 (deterministic).
+#include "kernel_utils.cuh"
+
+namespace ral {
+namespace {
+
+constexpr int kBN = 64;  // keys per dk/dv block; rows per dq block
+
+// Query tile of the dk/dv kernel and key tile of the dq kernel: 32 at HD = 128 keeps the
+// fp32 accumulators in registers.
+template <int HD> __host__ __device__ constexpr int inner_tile() { return HD == 128 ? 32 : 64; }
+
+template <int HD> constexpr size_t dkdv_smem() {
+  return size_t(2 * (kBN + inner_tile<HD>()) * (HD + kPad)) * 2 + 2 * inner_tile<HD>() * 4 + kBN;
+}
+template <int HD> constexpr size_t dq_smem() { return dkdv_smem<HD>(); }
+
+template <int NT, int HD>
+__device__ __forceinline__ void store_rows_f32(float* dst, const float (&acc)[NT][4], int row0, int nrows, float mul) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + lane / 4 + 8 * r;
+    if (row >= nrows) continue;
+    float* o = dst + int64_t(row) * HD + 2 * (lane % 4);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      o[t * 8] = acc[t][2 * r] * mul;
+      o[t * 8 + 1] = acc[t][2 * r + 1] * mul;
+    }
+  }
+}
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams p) {
+  constexpr int BM = inner_tile<HD>(), LD = HD + kPad, NM = BM / 8, NV = HD / 8;
+  RAL_DYN_SMEM(smem);
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kBN * LD;
+  T* sQ = sV + kBN * LD;
+  T* sdO = sQ + BM * LD;
+  float* sLse = reinterpret_cast<float*>(sdO + BM * LD);
+  float* sDelta = sLse + BM;
+  uint8_t* sKok = reinterpret_cast<uint8_t*>(sDelta + BM);
+
+  const int n0 = blockIdx.x * kBN;
+  const int b = blockIdx.y / p.HK, kvh = blockIdx.y % p.HK, gqa = p.H / p.HK;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t kv_off = int64_t(blockIdx.y) * p.Tk * HD;
+  load_tile<T, kBN, HD>(sK, static_cast<const T*>(p.k) + kv_off, n0, p.Tk);
+  load_tile<T, kBN, HD>(sV, static_cast<const T*>(p.v) + kv_off, n0, p.Tk);
+  load_key_ok<kBN>(sKok, p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr, n0, p.Tk);
+
+  int key[2];
+  for (int r = 0; r < 2; ++r) key[r] = n0 + warp * 16 + lane / 4 + 8 * r;
+  float dk[NV][4], dv[NV][4];
+  zero(dk);
+  zero(dv);
+  int lo = 0;
+  if (p.causal) {  // rows that see this block: i >= j - (Tk - Tq)
+    lo = n0 - (p.Tk - p.Tq);
+    lo = lo < 0 ? 0 : lo / BM * BM;
+  }
+  for (int hh = 0; hh < gqa; ++hh) {
+    const int bh = b * p.H + kvh * gqa + hh;
+    const T* q = static_cast<const T*>(p.q) + int64_t(bh) * p.Tq * HD;
+    const T* dout = static_cast<const T*>(p.dout) + int64_t(bh) * p.Tq * HD;
+    for (int m0 = lo; m0 < p.Tq; m0 += BM) {
+      __syncthreads();
+      load_tile<T, BM, HD>(sQ, q, m0, p.Tq);
+      load_tile<T, BM, HD>(sdO, dout, m0, p.Tq);
+      load_vec<BM>(sLse, p.lse + int64_t(bh) * p.Tq, m0, p.Tq, INFINITY);
+      load_vec<BM>(sDelta, p.delta + int64_t(bh) * p.Tq, m0, p.Tq, 0.f);
+      __syncthreads();
+
+      float st[NM][4];  // S^T: rows = this warp's keys, columns = query rows
+      zero(st);
+      gemm_nt<T, NM, HD>(st, sK + warp * 16 * LD, LD, sQ, LD);
+#pragma unroll
+      for (int t = 0; t < NM; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int ii = frag_col(t, e), jj = key[e >> 1] - n0;
+          const bool ok = allowed(m0 + ii, n0 + jj, sKok[jj], p.Tq, p.Tk, p.causal);
+          st[t][e] = ok ? expf(st[t][e] * p.scale - sLse[ii]) : 0.f;
+        }
+      gemm_pn<T, NM, NV>(dv, st, sdO, LD);
+      float dpt[NM][4];
+      zero(dpt);
+      gemm_nt<T, NM, HD>(dpt, sV + warp * 16 * LD, LD, sdO, LD);
+#pragma unroll
+      for (int t = 0; t < NM; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dpt[t][e] = st[t][e] * (dpt[t][e] - sDelta[frag_col(t, e)]);
+      gemm_pn<T, NM, NV>(dk, dpt, sQ, LD);
+    }
+  }
+  store_rows_f32<NV, HD>(p.dk + kv_off, dk, n0 + warp * 16, p.Tk, p.scale);
+  store_rows_f32<NV, HD>(p.dv + kv_off, dv, n0 + warp * 16, p.Tk, 1.f);
+}
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p) {
+  constexpr int BN = inner_tile<HD>(), LD = HD + kPad, NT = BN / 8, NV = HD / 8;
+  RAL_DYN_SMEM(smem);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + kBN * LD;
+  T* sK = sdO + kBN * LD;
+  T* sV = sK + BN * LD;
+  uint8_t* sKok = reinterpret_cast<uint8_t*>(sV + BN * LD);
+
+  const int m0 = blockIdx.x * kBN;
+  const int bh = blockIdx.y, b = bh / p.H, kvh = (bh % p.H) / (p.H / p.HK);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t q_off = int64_t(bh) * p.Tq * HD, kv_off = int64_t(b * p.HK + kvh) * p.Tk * HD;
+  const uint8_t* kmask = p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr;
+  load_tile<T, kBN, HD>(sQ, static_cast<const T*>(p.q) + q_off, m0, p.Tq);
+  load_tile<T, kBN, HD>(sdO, static_cast<const T*>(p.dout) + q_off, m0, p.Tq);
+  int row[2];
+  float lse[2], delta[2];
+  for (int r = 0; r < 2; ++r) {
+    row[r] = m0 + warp * 16 + lane / 4 + 8 * r;
+    lse[r] = row[r] < p.Tq ? p.lse[int64_t(bh) * p.Tq + row[r]] : INFINITY;
+    delta[r] = row[r] < p.Tq ? p.delta[int64_t(bh) * p.Tq + row[r]] : 0.f;
+  }
+  float dq[NV][4];
+  zero(dq);
+  const int last = m0 + kBN < p.Tq ? m0 + kBN : p.Tq;
+  const int hi = key_end(last, p.Tq, p.Tk, p.causal);
+  for (int n0 = 0; n0 < hi; n0 += BN) {
+    __syncthreads();
+    load_tile<T, BN, HD>(sK, static_cast<const T*>(p.k) + kv_off, n0, p.Tk);
+    load_tile<T, BN, HD>(sV, static_cast<const T*>(p.v) + kv_off, n0, p.Tk);
+    load_key_ok<BN>(sKok, kmask, n0, p.Tk);
+    __syncthreads();
+    float s[NT][4], dp[NT][4];
+    zero(s);
+    zero(dp);
+    gemm_nt<T, NT, HD>(s, sQ + warp * 16 * LD, LD, sK, LD);
+    gemm_nt<T, NT, HD>(dp, sdO + warp * 16 * LD, LD, sV, LD);
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, jj = frag_col(t, e);
+        const bool ok = allowed(row[r], n0 + jj, sKok[jj], p.Tq, p.Tk, p.causal);
+        s[t][e] = ok ? expf(s[t][e] * p.scale - lse[r]) * (dp[t][e] - delta[r]) : 0.f;
+      }
+    gemm_pn<T, NT, NV>(dq, s, sK, LD);
+  }
+  store_rows_f32<NV, HD>(p.dq + q_off, dq, m0 + warp * 16, p.Tq, p.scale);
+}
+
+}  // namespace
+
+cudaError_t attn_bwd(const BwdParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.H == 0) return cudaSuccess;
+  return dispatch(p.dtype, p.hd, [&](auto t_tag, auto hd_tag) -> cudaError_t {
+    using T = decltype(t_tag);
+    constexpr int HD = decltype(hd_tag)::value;
+    auto dkdv = attn_bwd_dkdv_kernel<T, HD>;
+    auto dq = attn_bwd_dq_kernel<T, HD>;
+    cudaError_t err = set_smem(dkdv, dkdv_smem<HD>());
+    if (err == cudaSuccess) err = set_smem(dq, dq_smem<HD>());
+    if (err != cudaSuccess) return err;
+    if (p.Tk > 0) {
+      RAL_LAUNCH(dkdv, dim3((p.Tk + kBN - 1) / kBN, p.B * p.HK), dim3(kThreads), dkdv_smem<HD>(), stream, p);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    if (p.Tq > 0) {
+      RAL_LAUNCH(dq, dim3((p.Tq + kBN - 1) / kBN, p.B * p.H), dim3(kThreads), dq_smem<HD>(), stream, p);
+      err = cudaGetLastError();
+    }
+    return err;
+  });
+}
+
+}  // namespace ral
