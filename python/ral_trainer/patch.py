@@ -127,8 +127,9 @@ class OldPolicy:
 class _Layout:
     """How the tokens this layer sees map to a left/right-padded batch ``[B, H, T, D]``
     with a key mask. Padded inputs map to themselves; packed inputs (one row holding
-    several sequences, flash-attn ``cu_seqlens`` style) are unpacked left-padded, which
-    keeps every sequence's response at the end of its row."""
+    several sequences, flash-attn ``cu_seqlens`` style) are unpacked left-padded for the
+    capture (the old-policy cache is padded, its last rows the responses) and run through
+    ``fused_attn_kl_varlen`` in the update."""
 
     def __init__(self, key_mask, segments=None):
         self.key_mask = key_mask  # [B', T'] bool or None
@@ -147,12 +148,6 @@ class _Layout:
         out = out.index_put((bi, pi), rows)
         return out.transpose(1, 2)
 
-    def from_padded(self, out):  # [B', H, T', D] -> [B, H, T, D]
-        if not self.packed:
-            return out
-        _, bi, pi, _ = self.segments
-        return out.transpose(1, 2)[bi, pi].transpose(0, 1).unsqueeze(0)
-
     def rows_to_padded(self, m):  # [B, T] -> [B', T']
         if not self.packed or m is None:
             return m
@@ -160,11 +155,25 @@ class _Layout:
         out = m.new_zeros((len(lengths), width))
         return out.index_put((bi, pi), m[0])
 
-    def rows_from_padded(self, d):  # [B', T'] -> [B, T]
-        if not self.packed:
-            return d
+    # packed (varlen) form of a packed layout: [total, H, D] with flash-attn cu_seqlens
+    def cu_seqlens(self, lengths=None) -> torch.Tensor:
+        lens = torch.tensor(self.segments[0] if lengths is None else lengths, device=self.key_mask.device)
+        return torch.nn.functional.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32)
+
+    def padded_to_varlen(self, x):  # [B', H, T', D] (left-padded) -> [total, H, D]
         _, bi, pi, _ = self.segments
-        return d[bi, pi].unsqueeze(0)
+        return x.transpose(1, 2)[bi, pi]
+
+    def old_rows_to_varlen(self, cache):
+        """The cached last ``R`` rows of every sequence (padded ``[B', Ho, R, Do]``, plus
+        ``lse_old`` ``[B', Ho, R]``) in varlen form: each sequence keeps its last
+        ``min(R, length)`` rows. Returns ``(q_old [total_old, Ho, Do], lse_old [Ho, total_old]
+        or None, cu_seqlens_old)``."""
+        r = cache.q_old.shape[2]
+        keep = [min(r, n) for n in self.segments[0]]
+        q_old = torch.cat([cache.q_old[s, :, r - n:].transpose(0, 1) for s, n in enumerate(keep)])
+        lse = None if cache.lse_old is None else torch.cat([cache.lse_old[s, :, r - n:] for s, n in enumerate(keep)], 1)
+        return q_old, lse, self.cu_seqlens(keep)
 
 
 def _segments_layout(lengths: list, device) -> _Layout:
@@ -479,17 +488,25 @@ class RALPatch:
             self._check_aligned(cap, qp, km, rm, state.layer_idx, what)
             c = cap.cache
             dt = qp.dtype
-            o, div = ral_kernels.fused_attn_kl(
-                qp, kp, vp, c.q_old.to(dt), c.k_old.to(dt), lse_old=c.lse_old, causal=True, sm_scale=scale,
-                old_sm_scale=cap.sm_scale, divergence=div_name, head_reduction="mean",
-                exclude_self=ctx.exclude_self, query_mask=rm, key_mask=km, backend=self.backend)
+            kw = dict(causal=True, sm_scale=scale, old_sm_scale=cap.sm_scale, divergence=div_name,
+                      head_reduction="mean", exclude_self=ctx.exclude_self, backend=self.backend)
+            if layout.packed:  # padding-free input: the varlen op on the packed tokens
+                cu = layout.cu_seqlens()
+                q_old, lse_old, cu_old = layout.old_rows_to_varlen(c)
+                o, div = ral_kernels.fused_attn_kl_varlen(
+                    q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), q_old.to(dt),
+                    layout.padded_to_varlen(c.k_old).to(dt), cu, cu, cu_seqlens_old=cu_old, lse_old=lse_old,
+                    query_mask=ctx.response_mask[0].to(q.device), **kw)
+                o, div = o.transpose(0, 1).unsqueeze(0), div.unsqueeze(0)
+            else:
+                o, div = ral_kernels.fused_attn_kl(qp, kp, vp, c.q_old.to(dt), c.k_old.to(dt), lse_old=c.lse_old,
+                                                   query_mask=rm, key_mask=km, **kw)
             # a second target recomputes the output; the model uses the first one's
             out = o if out is None else out
-            store[state.layer_idx] = layout.rows_from_padded(div)
+            store[state.layer_idx] = div
         if ctx.record_attention:
             r = targets[0][0].cache.q_old.shape[2]
             ctx.attention_rows[state.layer_idx] = _attention_rows(qp.detach(), kp.detach(), km, r, scale)
-        out = layout.from_padded(out)
         return out.transpose(1, 2).contiguous(), None
 
     @staticmethod

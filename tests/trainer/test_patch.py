@@ -122,6 +122,48 @@ def test_packed_matches_padded():
         torch.testing.assert_close(out[:, s:s + n], one, atol=2e-5, rtol=1e-5)
 
 
+def test_packed_update_runs_varlen_and_matches_padded(monkeypatch):
+    """Padding-free (packed) inputs go through ``fused_attn_kl_varlen`` and give, after a
+    parameter change, the divergences of the same sequences left-padded."""
+    import ral_kernels
+
+    model = tiny_model("qwen2").eval()
+    g = torch.Generator().manual_seed(1)
+    lens, r = [9, 14, 7], 3
+    ids = torch.randint(8, 64, (1, sum(lens)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    rows = torch.zeros(1, sum(lens), dtype=torch.bool)
+    width = max(lens)
+    pids, ppos = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long)
+    amask, prows = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.bool)
+    for s, (start, n) in enumerate(zip((torch.tensor(lens).cumsum(0) - torch.tensor(lens)).tolist(), lens)):
+        rows[0, start + n - r: start + n] = True
+        pids[s, width - n:], ppos[s, width - n:] = ids[0, start:start + n], torch.arange(n)
+        amask[s, width - n:], prows[s, width - r:] = 1, True
+    packed = dict(input_ids=ids, position_ids=pos, use_cache=False)
+    padded = dict(input_ids=pids, position_ids=ppos, attention_mask=amask, use_cache=False)
+    patch = patch_model(model)
+    with torch.no_grad(), patch.capture(num_rows=r, with_lse=True) as cap_pk:
+        model(**packed)
+    with torch.no_grad(), patch.capture(num_rows=r, with_lse=True) as cap_pd:
+        model(**padded)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    calls = []
+    varlen = ral_kernels.fused_attn_kl_varlen
+    monkeypatch.setattr(ral_kernels, "fused_attn_kl_varlen", lambda *a, **kw: calls.append(1) or varlen(*a, **kw))
+    with patch.update(cap_pk.old_policy, rows) as up_pk:
+        model(**packed)
+    assert len(calls) == len(patch.layers)
+    with patch.update(cap_pd.old_policy, prows) as up_pd:
+        model(**padded)
+    assert len(calls) == len(patch.layers)  # the padded pass does not use it
+    d_pk, d_pd = up_pk.divergence[rows], up_pd.divergence[prows]
+    assert d_pd.min() > 0
+    torch.testing.assert_close(d_pk, d_pd, atol=1e-6, rtol=1e-4)
+
+
 def test_teacher_with_other_heads_and_head_dim():
     student = tiny_model("qwen2_5_vl", num_heads=4, num_kv_heads=2)
     teacher = tiny_model("qwen2_5_vl", num_heads=8, num_kv_heads=4, head_dim=8, num_layers=3, seed=1)

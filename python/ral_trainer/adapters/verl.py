@@ -20,8 +20,8 @@ registered policy losses only see log-probs, so the adapter hooks the engine its
 - Both the padded path and the padding-free path (``use_remove_padding=True``: one packed
   row per micro-batch, ``attention_mask=None``) work: the patched layer reads the packing
   from the model's own mask (sdpa/eager: block-diagonal mask built from the packed
-  ``position_ids``) or from ``position_ids`` / ``cu_seq_lens`` (flash-attention), unpacks it
-  into left-padded sequences and runs the fused op on them.
+  ``position_ids``) or from ``position_ids`` / ``cu_seq_lens`` (flash-attention); the update
+  runs ``fused_attn_kl_varlen`` on the packed tokens.
 
 Usage (in-process, after the engine is initialized)::
 
