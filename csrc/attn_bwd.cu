@@ -24,6 +24,7 @@ template <int HD> constexpr size_t dq_smem() { return dkdv_smem<HD>(); }
 template <int NT, int HD>
 __device__ __forceinline__ void store_rows_f32(float* dst, const float (&acc)[NT][4], int row0, int nrows, float mul) {
   const int lane = threadIdx.x % kWarpSize;
+  #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + lane / 4 + 8 * r;
     if (row >= nrows) continue;
@@ -57,6 +58,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   load_key_ok<kBN>(sKok, p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr, n0, p.Tk);
 
   int key[2];
+  #pragma unroll
   for (int r = 0; r < 2; ++r) key[r] = n0 + warp * 16 + lane / 4 + 8 * r;
   float dk[NV][4], dv[NV][4];
   zero(dk);
@@ -123,6 +125,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   load_tile<T, kBN, HD>(sdO, static_cast<const T*>(p.dout) + q_off, m0, p.Tq);
   int row[2];
   float lse[2], delta[2];
+  #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row[r] = m0 + warp * 16 + lane / 4 + 8 * r;
     lse[r] = row[r] < p.Tq ? p.lse[int64_t(bh) * p.Tq + row[r]] : INFINITY;

@@ -35,6 +35,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
 
   load_tile<T, kBM, HD>(sQ, q, m0, p.rows);
   int row[2], pos[2];
+  #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row[r] = m0 + warp * 16 + lane / 4 + 8 * r;
     pos[r] = p.pos0 + row[r];
@@ -66,6 +67,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
         mx[r] = fmaxf(mx[r], s[t][e]);
       }
     float corr[2], m_use[2];
+    #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float m_new = fmaxf(m_i[r], quad_max(mx[r]));
       m_use[r] = m_new == -INFINITY ? 0.f : m_new;
@@ -82,6 +84,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
         sum[r] += s[t][e];
         if (j != pos[r] + p.Tk - p.Tq) sum_s[r] += s[t][e];
       }
+    #pragma unroll
     for (int r = 0; r < 2; ++r) {
       l_i[r] = l_i[r] * corr[r] + quad_sum(sum[r]);
       ls_i[r] = ls_i[r] * corr[r] + quad_sum(sum_s[r]);
@@ -96,6 +99,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
   }
 
   const int R = p.Tq - p.r0;
+  #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (row[r] >= p.rows) continue;
     const float l_safe = l_i[r] > 0.f ? l_i[r] : 1.f;

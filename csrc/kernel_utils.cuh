@@ -67,13 +67,6 @@ template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float 
   return uint32_t(bits(Cvt<T>::from_float(lo))) | (uint32_t(bits(Cvt<T>::from_float(hi))) << 16);
 }
 
-template <typename T> __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
-  return uint32_t(bits(lo)) | (uint32_t(bits(hi)) << 16);
-}
-
-template <typename T> __device__ __forceinline__ uint32_t ld32(const T* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
 
 // ------------------------------------------------------------------ MMA
 
@@ -118,22 +111,56 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 }
 #endif
 
+// ------------------------------------------------------------------ ldmatrix
+
+// ldmatrix.m8n8.x4 from shared memory: lanes 8i..8i+7 give the 16-byte row addresses of 8x8
+// matrix i; each lane gets one 32-bit register per matrix: row lane/4, elements 2(lane%4)
+// and 2(lane%4)+1 -- or, transposed (.trans), column lane/4 at rows 2(lane%4) and +1. These
+// are exactly the A / B fragments of mma.m16n8k16 above.
+#ifndef RAL_CPU_EMULATION
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+#else
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const uint64_t mine[1] = {reinterpret_cast<uint64_t>(row)};
+  uint64_t all[32][1];
+  ::ral_emu::warp_allgather(mine, all);
+  const int lane = ::ral_emu::lane_id(), g = lane >> 2, c = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    auto at = [&](int rr, int col) { return reinterpret_cast<const uint16_t*>(all[8 * i + rr][0])[col]; };
+    const uint16_t lo = TRANS ? at(2 * c, g) : at(g, 2 * c), hi = TRANS ? at(2 * c + 1, g) : at(g, 2 * c + 1);
+    r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+  }
+}
+#endif
+
 // ------------------------------------------------------------------ warp GEMMs
 
 // acc[t] += A[16 x KD] * B[NT*8 x KD]^T with A's 16 rows at sA and B's rows at sB (shared,
 // leading dims lda / ldb): the score tile S = Q K^T of one warp.
 template <typename T, int NT, int KD>
 __device__ __forceinline__ void gemm_nt(float (&acc)[NT][4], const T* sA, int lda, const T* sB, int ldb) {
-  const int lane = threadIdx.x % kWarpSize, g = lane >> 2, c = lane & 3;
+  static_assert(NT % 2 == 0, "n-tiles are loaded in pairs");
+  const int lane = threadIdx.x % kWarpSize, mi = lane / 8, ri = lane % 8;
 #pragma unroll
   for (int ks = 0; ks < KD / 16; ++ks) {
-    const T* pa = sA + g * lda + ks * 16 + 2 * c;
-    const uint32_t a[4] = {ld32(pa), ld32(pa + 8 * lda), ld32(pa + 8), ld32(pa + 8 * lda + 8)};
+    uint32_t a[4];  // matrices: rows 0-7 / 8-15 x columns 0-7 / 8-15 of the 16x16 A block
+    ldmatrix_x4<false>(a, sA + (ri + 8 * (mi & 1)) * lda + ks * 16 + 8 * (mi >> 1));
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const T* pb = sB + (t * 8 + g) * ldb + ks * 16 + 2 * c;
-      const uint32_t b[2] = {ld32(pb), ld32(pb + 8)};
-      mma_16816<T>(acc[t], a, b);
+    for (int t = 0; t < NT; t += 2) {
+      uint32_t b[4];  // (b0, b1) of n-tile t, then of n-tile t + 1
+      ldmatrix_x4<false>(b, sB + (t * 8 + ri + 8 * (mi >> 1)) * ldb + ks * 16 + 8 * (mi & 1));
+      mma_16816<T>(acc[t], a, {b[0], b[1]});
+      mma_16816<T>(acc[t + 1], a, {b[2], b[3]});
     }
   }
 }
@@ -142,18 +169,19 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[NT][4], const T* sA, int ld
 // FlashAttention does for P V), B row-major in shared memory (rows = the K dimension).
 template <typename T, int NK, int NT>
 __device__ __forceinline__ void gemm_pn(float (&acc)[NT][4], const float (&p)[NK][4], const T* sB, int ldb) {
-  static_assert(NK % 2 == 0, "the K dimension must be a multiple of 16");
-  const int lane = threadIdx.x % kWarpSize, g = lane >> 2, c = lane & 3;
+  static_assert(NK % 2 == 0 && NT % 2 == 0, "K must be a multiple of 16, n-tiles come in pairs");
+  const int lane = threadIdx.x % kWarpSize, mi = lane / 8, ri = lane % 8;
 #pragma unroll
   for (int kk = 0; kk < NK / 2; ++kk) {
     const uint32_t a[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
                            pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
                            pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-    const T* pb = sB + (kk * 16 + 2 * c) * ldb + g;
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const uint32_t b[2] = {pack2<T>(pb[t * 8], pb[ldb + t * 8]), pack2<T>(pb[8 * ldb + t * 8], pb[9 * ldb + t * 8])};
-      mma_16816<T>(acc[t], a, b);
+    for (int t = 0; t < NT; t += 2) {
+      uint32_t b[4];  // B is [k][n] in memory: transposed loads give the "col" fragments
+      ldmatrix_x4<true>(b, sB + (kk * 16 + ri + 8 * (mi & 1)) * ldb + t * 8 + 8 * (mi >> 1));
+      mma_16816<T>(acc[t], a, {b[0], b[1]});
+      mma_16816<T>(acc[t + 1], a, {b[2], b[3]});
     }
   }
 }
@@ -241,7 +269,7 @@ __device__ __forceinline__ void div_terms(float p, float r, float& t, float& g) 
     g = 0.5f * (log_p - log_m);
   } else if (DIV == kKL) {
     t = r * (log_r - log_p);
-    g = -r / fmaxf(p, kTiny);
+    g = -__fdividef(r, fmaxf(p, kTiny));  // p <= 1: the fast division is exact to 2 ulp here
   } else {
     t = p * (log_p - log_r);
     g = log_p - log_r + 1.f;
