@@ -4,7 +4,8 @@
 //   transposed tiles S^T = K Q^T, so dV += P^T dO and dK += dS^T Q need no atomics;
 //   the GQA query heads of the KV head are summed in the same block.
 // dq: one block per (64-row block, query head): dQ += dS K.
-// All gradients are written once, in fp32 (deterministic).
+// All gradients are written once, in fp32 (deterministic). The streamed tiles (Q, dO for
+// dk/dv; K, V for dq) are double-buffered with cp.async.
 #include "kernel_utils.cuh"
 
 namespace ral {
@@ -16,15 +17,19 @@ constexpr int kBN = 64;  // keys per dk/dv block; rows per dq block
 // fp32 accumulators in registers.
 template <int HD> __host__ __device__ constexpr int inner_tile() { return HD == 128 ? 32 : 64; }
 
+// dk/dv: K, V of the block, then 2 stages of (Q, dO) tiles and their lse / delta.
 template <int HD> constexpr size_t dkdv_smem() {
-  return size_t(2 * (kBN + inner_tile<HD>()) * (HD + kPad)) * 2 + 2 * inner_tile<HD>() * 4 + kBN;
+  return size_t(2 * (kBN + 2 * inner_tile<HD>()) * (HD + kPad)) * 2 + 4 * inner_tile<HD>() * 4 + kBN;
 }
-template <int HD> constexpr size_t dq_smem() { return dkdv_smem<HD>(); }
+// dq: Q, dO of the block, then 2 stages of (K, V) tiles and their key flags.
+template <int HD> constexpr size_t dq_smem() {
+  return size_t(2 * (kBN + 2 * inner_tile<HD>()) * (HD + kPad)) * 2 + 2 * inner_tile<HD>();
+}
 
 template <int NT, int HD>
 __device__ __forceinline__ void store_rows_f32(float* dst, const float (&acc)[NT][4], int row0, int nrows, float mul) {
   const int lane = threadIdx.x % kWarpSize;
-  #pragma unroll
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + lane / 4 + 8 * r;
     if (row >= nrows) continue;
@@ -43,11 +48,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   RAL_DYN_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kBN * LD;
-  T* sQ = sV + kBN * LD;
-  T* sdO = sQ + BM * LD;
-  float* sLse = reinterpret_cast<float*>(sdO + BM * LD);
-  float* sDelta = sLse + BM;
-  uint8_t* sKok = reinterpret_cast<uint8_t*>(sDelta + BM);
+  T* sQdO = sV + kBN * LD;  // stage s: Q at sQdO + s * 2 * BM * LD, dO right after it
+  float* sStats = reinterpret_cast<float*>(sQdO + 4 * BM * LD);  // stage s: lse, delta at + s * 2 * BM
+  uint8_t* sKok = reinterpret_cast<uint8_t*>(sStats + 4 * BM);
 
   const int n0 = blockIdx.x * kBN;
   const int b = blockIdx.y / p.HK, kvh = blockIdx.y % p.HK, gqa = p.H / p.HK;
@@ -58,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   load_key_ok<kBN>(sKok, p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr, n0, p.Tk);
 
   int key[2];
-  #pragma unroll
+#pragma unroll
   for (int r = 0; r < 2; ++r) key[r] = n0 + warp * 16 + lane / 4 + 8 * r;
   float dk[NV][4], dv[NV][4];
   zero(dk);
@@ -68,39 +71,55 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     lo = n0 - (p.Tk - p.Tq);
     lo = lo < 0 ? 0 : lo / BM * BM;
   }
-  for (int hh = 0; hh < gqa; ++hh) {
-    const int bh = b * p.H + kvh * gqa + hh;
-    const T* q = static_cast<const T*>(p.q) + int64_t(bh) * p.Tq * HD;
-    const T* dout = static_cast<const T*>(p.dout) + int64_t(bh) * p.Tq * HD;
-    for (int m0 = lo; m0 < p.Tq; m0 += BM) {
-      __syncthreads();
-      load_tile<T, BM, HD>(sQ, q, m0, p.Tq);
-      load_tile<T, BM, HD>(sdO, dout, m0, p.Tq);
-      load_vec<BM>(sLse, p.lse + int64_t(bh) * p.Tq, m0, p.Tq, INFINITY);
-      load_vec<BM>(sDelta, p.delta + int64_t(bh) * p.Tq, m0, p.Tq, 0.f);
-      __syncthreads();
-
-      float st[NM][4];  // S^T: rows = this warp's keys, columns = query rows
-      zero(st);
-      gemm_nt<T, NM, HD>(st, sK + warp * 16 * LD, LD, sQ, LD);
-#pragma unroll
-      for (int t = 0; t < NM; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int ii = frag_col(t, e), jj = key[e >> 1] - n0;
-          const bool ok = allowed(m0 + ii, n0 + jj, sKok[jj], p.Tq, p.Tk, p.causal);
-          st[t][e] = ok ? expf(st[t][e] * p.scale - sLse[ii]) : 0.f;
-        }
-      gemm_pn<T, NM, NV>(dv, st, sdO, LD);
-      float dpt[NM][4];
-      zero(dpt);
-      gemm_nt<T, NM, HD>(dpt, sV + warp * 16 * LD, LD, sdO, LD);
-#pragma unroll
-      for (int t = 0; t < NM; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dpt[t][e] = st[t][e] * (dpt[t][e] - sDelta[frag_col(t, e)]);
-      gemm_pn<T, NM, NV>(dk, dpt, sQ, LD);
+  // One flat loop over (query head of this KV head, row tile), so the next tile's load
+  // overlaps this one's math across head boundaries too.
+  const int n_m = lo < p.Tq ? (p.Tq - lo + BM - 1) / BM : 0, total = gqa * n_m;
+  auto issue = [&](int idx, int stage) {
+    const int64_t bh = int64_t(b) * p.H + kvh * gqa + idx / n_m;
+    const int m0 = lo + (idx % n_m) * BM;
+    T* dst = sQdO + stage * 2 * BM * LD;
+    load_tile_async<T, BM, HD>(dst, static_cast<const T*>(p.q) + bh * p.Tq * HD, m0, p.Tq);
+    load_tile_async<T, BM, HD>(dst + BM * LD, static_cast<const T*>(p.dout) + bh * p.Tq * HD, m0, p.Tq);
+    load_vec<BM>(sStats + stage * 2 * BM, p.lse + bh * p.Tq, m0, p.Tq, INFINITY);
+    load_vec<BM>(sStats + stage * 2 * BM + BM, p.delta + bh * p.Tq, m0, p.Tq, 0.f);
+    cp_async_commit();
+  };
+  if (total > 0) issue(0, 0);
+  for (int idx = 0; idx < total; ++idx) {
+    const int stage = idx & 1, m0 = lo + (idx % n_m) * BM;
+    const T* sQ = sQdO + stage * 2 * BM * LD;
+    const T* sdO = sQ + BM * LD;
+    const float* sLse = sStats + stage * 2 * BM;
+    const float* sDelta = sLse + BM;
+    if (idx + 1 < total) {  // the other stage was released by the barrier ending the last tile
+      issue(idx + 1, stage ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
+    __syncthreads();  // this tile (and K, V, the key flags) visible to every warp
+
+    float st[NM][4];  // S^T: rows = this warp's keys, columns = query rows
+    zero(st);
+    gemm_nt<T, NM, HD>(st, sK + warp * 16 * LD, LD, sQ, LD);
+#pragma unroll
+    for (int t = 0; t < NM; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int ii = frag_col(t, e), jj = key[e >> 1] - n0;
+        const bool ok = allowed(m0 + ii, n0 + jj, sKok[jj], p.Tq, p.Tk, p.causal);
+        st[t][e] = ok ? expf(st[t][e] * p.scale - sLse[ii]) : 0.f;
+      }
+    gemm_pn<T, NM, NV>(dv, st, sdO, LD);
+    float dpt[NM][4];
+    zero(dpt);
+    gemm_nt<T, NM, HD>(dpt, sV + warp * 16 * LD, LD, sdO, LD);
+#pragma unroll
+    for (int t = 0; t < NM; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dpt[t][e] = st[t][e] * (dpt[t][e] - sDelta[frag_col(t, e)]);
+    gemm_pn<T, NM, NV>(dk, dpt, sQ, LD);
+    __syncthreads();  // release this stage for the load issued in the next iteration
   }
   store_rows_f32<NV, HD>(p.dk + kv_off, dk, n0 + warp * 16, p.Tk, p.scale);
   store_rows_f32<NV, HD>(p.dv + kv_off, dv, n0 + warp * 16, p.Tk, 1.f);
@@ -112,9 +131,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   RAL_DYN_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kBN * LD;
-  T* sK = sdO + kBN * LD;
-  T* sV = sK + BN * LD;
-  uint8_t* sKok = reinterpret_cast<uint8_t*>(sV + BN * LD);
+  T* sKV = sdO + kBN * LD;  // stage s: K at sKV + s * 2 * BN * LD, V right after it
+  uint8_t* sKok = reinterpret_cast<uint8_t*>(sKV + 4 * BN * LD);  // stage s at + s * BN
 
   const int m0 = blockIdx.x * kBN;
   const int bh = blockIdx.y, b = bh / p.H, kvh = (bh % p.H) / (p.H / p.HK);
@@ -125,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   load_tile<T, kBN, HD>(sdO, static_cast<const T*>(p.dout) + q_off, m0, p.Tq);
   int row[2];
   float lse[2], delta[2];
-  #pragma unroll
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     row[r] = m0 + warp * 16 + lane / 4 + 8 * r;
     lse[r] = row[r] < p.Tq ? p.lse[int64_t(bh) * p.Tq + row[r]] : INFINITY;
@@ -135,11 +153,24 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   zero(dq);
   const int last = m0 + kBN < p.Tq ? m0 + kBN : p.Tq;
   const int hi = key_end(last, p.Tq, p.Tk, p.causal);
-  for (int n0 = 0; n0 < hi; n0 += BN) {
-    __syncthreads();
-    load_tile<T, BN, HD>(sK, static_cast<const T*>(p.k) + kv_off, n0, p.Tk);
-    load_tile<T, BN, HD>(sV, static_cast<const T*>(p.v) + kv_off, n0, p.Tk);
-    load_key_ok<BN>(sKok, kmask, n0, p.Tk);
+  auto issue = [&](int n0, int stage) {
+    load_tile_async<T, BN, HD>(sKV + stage * 2 * BN * LD, static_cast<const T*>(p.k) + kv_off, n0, p.Tk);
+    load_tile_async<T, BN, HD>(sKV + stage * 2 * BN * LD + BN * LD, static_cast<const T*>(p.v) + kv_off, n0, p.Tk);
+    load_key_ok<BN>(sKok + stage * BN, kmask, n0, p.Tk);
+    cp_async_commit();
+  };
+  if (hi > 0) issue(0, 0);
+  for (int n0 = 0, it = 0; n0 < hi; n0 += BN, ++it) {
+    const int stage = it & 1;
+    const T* sK = sKV + stage * 2 * BN * LD;
+    const T* sV = sK + BN * LD;
+    const uint8_t* sKok_t = sKok + stage * BN;
+    if (n0 + BN < hi) {
+      issue(n0 + BN, stage ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
     float s[NT][4], dp[NT][4];
     zero(s);
@@ -151,10 +182,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, jj = frag_col(t, e);
-        const bool ok = allowed(row[r], n0 + jj, sKok[jj], p.Tq, p.Tk, p.causal);
+        const bool ok = allowed(row[r], n0 + jj, sKok_t[jj], p.Tq, p.Tk, p.causal);
         s[t][e] = ok ? expf(s[t][e] * p.scale - lse[r]) * (dp[t][e] - delta[r]) : 0.f;
       }
     gemm_pn<T, NT, NV>(dq, s, sK, LD);
+    __syncthreads();  // release this stage for the load issued in the next iteration
   }
   store_rows_f32<NV, HD>(p.dq + q_off, dq, m0 + warp * 16, p.Tq, p.scale);
 }

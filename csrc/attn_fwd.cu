@@ -2,7 +2,8 @@
 // Also the old policy's statistics (lse_old, its support mass) on the cached rows, with
 // WITH_OUT = false (no V, no output).
 //
-// Block = 4 warps = 64 query rows (16 per warp); keys in tiles of 64 through shared memory.
+// Block = 4 warps = 64 query rows (16 per warp); keys in tiles of 64 through shared memory,
+// double-buffered with cp.async (the next tile loads while this one is computed).
 // Per tile: S = Q K^T (mma), mask, online softmax in registers, O += P V (mma, P from
 // registers). Nothing Tq x Tk leaves the tile.
 #include "kernel_utils.cuh"
@@ -12,18 +13,18 @@ namespace {
 
 constexpr int kBM = 64, kBN = 64;
 
-template <int HD> constexpr size_t fwd_smem(bool with_out) {
-  return size_t((kBM + kBN * (with_out ? 2 : 1)) * (HD + kPad)) * 2 + kBN;
+template <int HD> constexpr size_t fwd_smem(bool with_out) {  // Q, then 2 stages of K (and V)
+  return size_t((kBM + 2 * kBN * (with_out ? 2 : 1)) * (HD + kPad)) * 2 + 2 * kBN;
 }
 
 template <typename T, int HD, bool WITH_OUT>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
   constexpr int LD = HD + kPad, NT = kBN / 8, NV = HD / 8;
+  constexpr int STAGE = kBN * LD * (WITH_OUT ? 2 : 1);  // K (and V) tile of one stage
   RAL_DYN_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kBM * LD;
-  T* sV = sK + kBN * LD;  // only with WITH_OUT
-  uint8_t* sKok = reinterpret_cast<uint8_t*>(sK + kBN * LD * (WITH_OUT ? 2 : 1));
+  T* sKV = sQ + kBM * LD;  // stage s: K at sKV + s * STAGE, V right after it
+  uint8_t* sKok = reinterpret_cast<uint8_t*>(sKV + 2 * STAGE);  // stage s at + s * kBN
 
   const int m0 = blockIdx.x * kBM;
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H, kvh = h / (p.H / p.HK);
@@ -35,7 +36,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
 
   load_tile<T, kBM, HD>(sQ, q, m0, p.rows);
   int row[2], pos[2];
-  #pragma unroll
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     row[r] = m0 + warp * 16 + lane / 4 + 8 * r;
     pos[r] = p.pos0 + row[r];
@@ -46,12 +47,25 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
 
   const int last = m0 + kBM < p.rows ? m0 + kBM : p.rows;
   const int hi = key_end(p.pos0 + last, p.Tq, p.Tk, p.causal);
-  for (int n0 = 0; n0 < hi; n0 += kBN) {
-    __syncthreads();  // the previous tile is no longer read
-    load_tile<T, kBN, HD>(sK, k, n0, p.Tk);
-    if (WITH_OUT) load_tile<T, kBN, HD>(sV, v, n0, p.Tk);
-    load_key_ok<kBN>(sKok, kmask, n0, p.Tk);
-    __syncthreads();
+  auto issue = [&](int n0, int stage) {  // start loading key tile n0 into a stage
+    load_tile_async<T, kBN, HD>(sKV + stage * STAGE, k, n0, p.Tk);
+    if (WITH_OUT) load_tile_async<T, kBN, HD>(sKV + stage * STAGE + kBN * LD, v, n0, p.Tk);
+    load_key_ok<kBN>(sKok + stage * kBN, kmask, n0, p.Tk);
+    cp_async_commit();
+  };
+  if (hi > 0) issue(0, 0);
+  for (int n0 = 0, it = 0; n0 < hi; n0 += kBN, ++it) {
+    const int stage = it & 1;
+    const T* sK = sKV + stage * STAGE;
+    const T* sV = sK + kBN * LD;  // only with WITH_OUT
+    const uint8_t* sKok_t = sKok + stage * kBN;
+    if (n0 + kBN < hi) {  // the other stage was released by the barrier ending the last tile
+      issue(n0 + kBN, stage ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // this tile (and Q) visible to every warp
 
     float s[NT][4];
     zero(s);
@@ -62,12 +76,12 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, jj = frag_col(t, e);
-        const bool ok = allowed(pos[r], n0 + jj, sKok[jj], p.Tq, p.Tk, p.causal);
+        const bool ok = allowed(pos[r], n0 + jj, sKok_t[jj], p.Tq, p.Tk, p.causal);
         s[t][e] = ok ? s[t][e] * p.scale : -INFINITY;
         mx[r] = fmaxf(mx[r], s[t][e]);
       }
     float corr[2], m_use[2];
-    #pragma unroll
+#pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float m_new = fmaxf(m_i[r], quad_max(mx[r]));
       m_use[r] = m_new == -INFINITY ? 0.f : m_new;
@@ -84,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
         sum[r] += s[t][e];
         if (j != pos[r] + p.Tk - p.Tq) sum_s[r] += s[t][e];
       }
-    #pragma unroll
+#pragma unroll
     for (int r = 0; r < 2; ++r) {
       l_i[r] = l_i[r] * corr[r] + quad_sum(sum[r]);
       ls_i[r] = ls_i[r] * corr[r] + quad_sum(sum_s[r]);
@@ -96,10 +110,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
         for (int e = 0; e < 4; ++e) acc[t][e] *= corr[e >> 1];
       gemm_pn<T, NT, NV>(acc, s, sV, LD);
     }
+    __syncthreads();  // release this stage for the load issued in the next iteration
   }
 
   const int R = p.Tq - p.r0;
-  #pragma unroll
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (row[r] >= p.rows) continue;
     const float l_safe = l_i[r] > 0.f ? l_i[r] : 1.f;

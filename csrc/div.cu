@@ -130,7 +130,7 @@ struct RowState {
   float z[2], zo[2];
   __device__ RowState(const DivParams& p, int bg, int m0) {
     const int R = p.Tq - p.r0, lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-    #pragma unroll
+#pragma unroll
     for (int r = 0; r < 2; ++r) {
       rr[r] = m0 + warp * 16 + lane / 4 + 8 * r;
       const float zr = rr[r] < R ? p.z[int64_t(bg) * R + rr[r]] : 0.f;
@@ -194,14 +194,14 @@ __global__ void __launch_bounds__(kThreads) div_fwd_kernel(const DivParams p) {
       for (int t = 0; t < NT; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) sa[e >> 1] += alpha[t][e] * gv[t][e];
-      #pragma unroll
+#pragma unroll
       for (int r = 0; r < 2; ++r) {
         sa[r] = quad_sum(sa[r]);
         if (lane % 4 == 0 && rs.rr[r] < R) p.a[(int64_t(b) * p.Hq + h) * R + rs.rr[r]] += sa[r];
       }
     }
   }
-  #pragma unroll
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float d = quad_sum(d_acc[r]), e = quad_sum(e_acc[r]);
     if (lane % 4 != 0 || rs.rr[r] >= R) continue;
@@ -232,7 +232,7 @@ __device__ __forceinline__ void add_ds_times(float* dst, int row0, int nrows, fl
   zero(upd);
   gemm_pn<T, NT, NV>(upd, alpha, sB, HD + kPad);
   const int lane = threadIdx.x % kWarpSize;
-  #pragma unroll
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + lane / 4 + 8 * r;
     if (row >= nrows) continue;
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) div_bwd_rows_kernel(const DivParams 
   const uint8_t* kmask = p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr;
   const RowState rs(p, bg, m0);
   float e_row[2], w[2];
-  #pragma unroll
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     e_row[r] = rs.valid[r] ? p.e[int64_t(bg) * R + rs.rr[r]] : 0.f;
     w[r] = rs.valid[r] ? p.w[int64_t(bg) * R + rs.rr[r]] : 0.f;

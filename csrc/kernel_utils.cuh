@@ -15,6 +15,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#ifdef RAL_CPU_EMULATION
+#include <deque>
+#include <vector>
+#endif
 
 #include "ral_cuda.h"
 
@@ -207,6 +211,51 @@ __device__ __forceinline__ float quad_max(float x) {
   return fmaxf(x, __shfl_xor_sync(kFull, x, 2));
 }
 
+// ------------------------------------------------------------------ cp.async
+
+// 16-byte asynchronous global -> shared copies (zero-filled when !valid), grouped by commit;
+// wait<N> returns when at most N of this thread's groups are still in flight.
+#ifndef RAL_CPU_EMULATION
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+#else
+// Emulated asynchrony: a copy lands only when a wait retires its group, so a kernel that
+// reads a tile before waiting for it reads the 0xFF (NaN) fill and fails its tests.
+namespace emu_async {
+struct Copy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+inline std::vector<Copy>& open(int t) {
+  static std::vector<Copy> v[kThreads];
+  return v[t];
+}
+inline std::deque<std::vector<Copy>>& groups(int t) {
+  static std::deque<std::vector<Copy>> g[kThreads];
+  return g[t];
+}
+}  // namespace emu_async
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  emu_async::open(threadIdx.x).push_back({dst, src, valid});
+}
+inline void cp_async_commit() {
+  emu_async::groups(threadIdx.x).push_back(std::move(emu_async::open(threadIdx.x)));
+  emu_async::open(threadIdx.x).clear();
+}
+template <int N> inline void cp_async_wait() {
+  auto& g = emu_async::groups(threadIdx.x);
+  while (g.size() > N) {
+    for (const auto& c : g.front()) c.valid ? (void)memcpy(c.dst, c.src, 16) : (void)memset(c.dst, 0, 16);
+    g.pop_front();
+  }
+}
+#endif
+
 // ------------------------------------------------------------------ shared tiles
 
 // Rows [row0, row0 + ROWS) of a contiguous [nrows, HD] matrix into shared memory (leading
@@ -219,6 +268,17 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int row0, int nr
     uint4 val = {0u, 0u, 0u, 0u};
     if (row0 + r < nrows) val = *reinterpret_cast<const uint4*>(src + int64_t(row0 + r) * HD + col);
     *reinterpret_cast<uint4*>(dst + r * (HD + kPad) + col) = val;
+  }
+}
+
+// load_tile with cp.async (the caller commits and waits).
+template <typename T, int ROWS, int HD>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* src, int row0, int nrows) {
+  constexpr int kChunks = HD / 8;
+  for (int i = threadIdx.x; i < ROWS * kChunks; i += kThreads) {
+    const int r = i / kChunks, col = (i % kChunks) * 8;
+    const bool valid = row0 + r < nrows;
+    cp_async_16(dst + r * (HD + kPad) + col, valid ? src + int64_t(row0 + r) * HD + col : src, valid);
   }
 }
 
