@@ -42,8 +42,18 @@ __device__ __forceinline__ void store_rows_f32(float* dst, const float (&acc)[NT
   }
 }
 
+// Start loading row tile m0 of query head bh (Q, dO, lse, delta) into one pipeline stage.
+template <typename T, int BM, int HD>
+__device__ __forceinline__ void issue_rows(T* stage, float* stats, const BwdParams& p, int64_t bh, int m0) {
+  load_tile_async<T, BM, HD>(stage, static_cast<const T*>(p.q) + bh * p.Tq * HD, m0, p.Tq);
+  load_tile_async<T, BM, HD>(stage + BM * (HD + kPad), static_cast<const T*>(p.dout) + bh * p.Tq * HD, m0, p.Tq);
+  load_vec<BM>(stats, p.lse + bh * p.Tq, m0, p.Tq, INFINITY);
+  load_vec<BM>(stats + BM, p.delta + bh * p.Tq, m0, p.Tq, 0.f);
+  cp_async_commit();
+}
+
 template <typename T, int HD>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_kernel(const BwdParams p) {
   constexpr int BM = inner_tile<HD>(), LD = HD + kPad, NM = BM / 8, NV = HD / 8;
   RAL_DYN_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);
@@ -74,17 +84,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   // One flat loop over (query head of this KV head, row tile), so the next tile's load
   // overlaps this one's math across head boundaries too.
   const int n_m = lo < p.Tq ? (p.Tq - lo + BM - 1) / BM : 0, total = gqa * n_m;
-  auto issue = [&](int idx, int stage) {
-    const int64_t bh = int64_t(b) * p.H + kvh * gqa + idx / n_m;
-    const int m0 = lo + (idx % n_m) * BM;
-    T* dst = sQdO + stage * 2 * BM * LD;
-    load_tile_async<T, BM, HD>(dst, static_cast<const T*>(p.q) + bh * p.Tq * HD, m0, p.Tq);
-    load_tile_async<T, BM, HD>(dst + BM * LD, static_cast<const T*>(p.dout) + bh * p.Tq * HD, m0, p.Tq);
-    load_vec<BM>(sStats + stage * 2 * BM, p.lse + bh * p.Tq, m0, p.Tq, INFINITY);
-    load_vec<BM>(sStats + stage * 2 * BM + BM, p.delta + bh * p.Tq, m0, p.Tq, 0.f);
-    cp_async_commit();
-  };
-  if (total > 0) issue(0, 0);
+  if (total > 0) issue_rows<T, BM, HD>(sQdO, sStats, p, b * p.H + kvh * gqa, lo);
   for (int idx = 0; idx < total; ++idx) {
     const int stage = idx & 1, m0 = lo + (idx % n_m) * BM;
     const T* sQ = sQdO + stage * 2 * BM * LD;
@@ -92,7 +92,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     const float* sLse = sStats + stage * 2 * BM;
     const float* sDelta = sLse + BM;
     if (idx + 1 < total) {  // the other stage was released by the barrier ending the last tile
-      issue(idx + 1, stage ^ 1);
+      issue_rows<T, BM, HD>(sQdO + (stage ^ 1) * 2 * BM * LD, sStats + (stage ^ 1) * 2 * BM, p,
+                            b * p.H + kvh * gqa + (idx + 1) / n_m, lo + ((idx + 1) % n_m) * BM);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -126,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
 }
 
 template <typename T, int HD>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const BwdParams p) {
   constexpr int BN = inner_tile<HD>(), LD = HD + kPad, NT = BN / 8, NV = HD / 8;
   RAL_DYN_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
@@ -153,20 +154,16 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   zero(dq);
   const int last = m0 + kBN < p.Tq ? m0 + kBN : p.Tq;
   const int hi = key_end(last, p.Tq, p.Tk, p.causal);
-  auto issue = [&](int n0, int stage) {
-    load_tile_async<T, BN, HD>(sKV + stage * 2 * BN * LD, static_cast<const T*>(p.k) + kv_off, n0, p.Tk);
-    load_tile_async<T, BN, HD>(sKV + stage * 2 * BN * LD + BN * LD, static_cast<const T*>(p.v) + kv_off, n0, p.Tk);
-    load_key_ok<BN>(sKok + stage * BN, kmask, n0, p.Tk);
-    cp_async_commit();
-  };
-  if (hi > 0) issue(0, 0);
+  const T* k = static_cast<const T*>(p.k) + kv_off;
+  const T* v = static_cast<const T*>(p.v) + kv_off;
+  if (hi > 0) issue_kv<T, BN, HD, true>(sKV, sKok, k, v, kmask, 0, p.Tk);
   for (int n0 = 0, it = 0; n0 < hi; n0 += BN, ++it) {
     const int stage = it & 1;
     const T* sK = sKV + stage * 2 * BN * LD;
     const T* sV = sK + BN * LD;
     const uint8_t* sKok_t = sKok + stage * BN;
     if (n0 + BN < hi) {
-      issue(n0 + BN, stage ^ 1);
+      issue_kv<T, BN, HD, true>(sKV + (stage ^ 1) * 2 * BN * LD, sKok + (stage ^ 1) * BN, k, v, kmask, n0 + BN, p.Tk);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();

@@ -18,7 +18,7 @@ template <int HD> constexpr size_t fwd_smem(bool with_out) {  // Q, then 2 stage
 }
 
 template <typename T, int HD, bool WITH_OUT>
-__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(const FwdParams p) {
   constexpr int LD = HD + kPad, NT = kBN / 8, NV = HD / 8;
   constexpr int STAGE = kBN * LD * (WITH_OUT ? 2 : 1);  // K (and V) tile of one stage
   RAL_DYN_SMEM(smem);
@@ -47,20 +47,14 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
 
   const int last = m0 + kBM < p.rows ? m0 + kBM : p.rows;
   const int hi = key_end(p.pos0 + last, p.Tq, p.Tk, p.causal);
-  auto issue = [&](int n0, int stage) {  // start loading key tile n0 into a stage
-    load_tile_async<T, kBN, HD>(sKV + stage * STAGE, k, n0, p.Tk);
-    if (WITH_OUT) load_tile_async<T, kBN, HD>(sKV + stage * STAGE + kBN * LD, v, n0, p.Tk);
-    load_key_ok<kBN>(sKok + stage * kBN, kmask, n0, p.Tk);
-    cp_async_commit();
-  };
-  if (hi > 0) issue(0, 0);
+  if (hi > 0) issue_kv<T, kBN, HD, WITH_OUT>(sKV, sKok, k, v, kmask, 0, p.Tk);
   for (int n0 = 0, it = 0; n0 < hi; n0 += kBN, ++it) {
     const int stage = it & 1;
     const T* sK = sKV + stage * STAGE;
     const T* sV = sK + kBN * LD;  // only with WITH_OUT
     const uint8_t* sKok_t = sKok + stage * kBN;
     if (n0 + kBN < hi) {  // the other stage was released by the barrier ending the last tile
-      issue(n0 + kBN, stage ^ 1);
+      issue_kv<T, kBN, HD, WITH_OUT>(sKV + (stage ^ 1) * STAGE, sKok + (stage ^ 1) * kBN, k, v, kmask, n0 + kBN, p.Tk);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();

@@ -143,7 +143,7 @@ struct RowState {
 };
 
 template <typename T, int HD, int DIV>
-__global__ void __launch_bounds__(kThreads) div_fwd_kernel(const DivParams p) {
+__global__ void __launch_bounds__(kThreads, 1) div_fwd_kernel(const DivParams p) {
   constexpr int BN = inner_tile<HD>(), NT = BN / 8;
   RAL_DYN_SMEM(smem);
   Carve c{smem};
@@ -246,7 +246,7 @@ __device__ __forceinline__ void add_ds_times(float* dst, int row0, int nrows, fl
 }
 
 template <typename T, int HD, int DIV>
-__global__ void __launch_bounds__(kThreads) div_bwd_rows_kernel(const DivParams p) {
+__global__ void __launch_bounds__(kThreads, 1) div_bwd_rows_kernel(const DivParams p) {
   constexpr int BN = inner_tile<HD>(), NT = BN / 8;
   RAL_DYN_SMEM(smem);
   Carve c{smem};
@@ -299,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) div_bwd_rows_kernel(const DivParams 
 }
 
 template <typename T, int HD, int DIV>
-__global__ void __launch_bounds__(kThreads) div_bwd_keys_kernel(const DivParams p) {
+__global__ void __launch_bounds__(kThreads, 1) div_bwd_keys_kernel(const DivParams p) {
   constexpr int BM = inner_tile<HD>(), NT = BM / 8;
   RAL_DYN_SMEM(smem);
   Carve c{smem};

@@ -295,6 +295,17 @@ __device__ __forceinline__ void load_key_ok(uint8_t* dst, const uint8_t* kmask_r
     dst[i] = (n0 + i < Tk) && (kmask_row == nullptr || kmask_row[n0 + i] != 0);
 }
 
+// Start loading key tile n0 (K, and V after it when WITH_V) and its key flags into one
+// pipeline stage; one cp.async group.
+template <typename T, int ROWS, int HD, bool WITH_V>
+__device__ __forceinline__ void issue_kv(T* stage, uint8_t* key_ok, const T* k, const T* v, const uint8_t* kmask_row,
+                                         int n0, int Tk) {
+  load_tile_async<T, ROWS, HD>(stage, k, n0, Tk);
+  if (WITH_V) load_tile_async<T, ROWS, HD>(stage + ROWS * (HD + kPad), v, n0, Tk);
+  load_key_ok<ROWS>(key_ok, kmask_row, n0, Tk);
+  cp_async_commit();
+}
+
 // ------------------------------------------------------------------ masks and terms
 
 // allowed(i, j) (SPEC: key mask and bottom-right causal) for query position i, given that
