@@ -24,11 +24,13 @@ BINDINGS = CSRC / "bindings.cpp"
 HEADERS = (CSRC / "ral_cuda.h", CSRC / "kernel_utils.cuh", CSRC / "emu" / "cuda_emu.h")
 
 DEFAULT_ARCHS = "80;90"
-CXX_FLAGS = ["-O3", "-std=c++17"]
+# No -std for the host compiler: torch's cpp_extension passes the standard its headers need
+# (the sources are C++17 and build as C++20 too).
+CXX_FLAGS = ["-O3"]
 # The -U flags undo torch's -D__CUDA_NO_HALF_OPERATORS__ & co. so half/bfloat16 arithmetic works.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
               "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
-EMU_FLAGS = ["-O2", "-std=c++17", "-DRAL_CPU_EMULATION"]
+EMU_FLAGS = ["-O2", "-DRAL_CPU_EMULATION"]
 JIT_NAME, EMU_NAME = "ral_kernels_cuda", "ral_kernels_emu"
 
 _log = logging.getLogger("ral_kernels")
