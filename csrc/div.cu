@@ -29,6 +29,13 @@ struct Side {
   float scale;
 };
 
+__device__ __forceinline__ Side current_side(const DivParams& p) {
+  return {p.q, p.lse, p.k, p.Tq, p.r0, p.Hq, p.Hk, p.scale};
+}
+__device__ __forceinline__ Side old_side(const DivParams& p) {
+  return {p.q_old, p.lse_old, p.k_old, p.Tq - p.r0, 0, p.Ho, p.Hko, p.old_scale};
+}
+
 template <typename T> struct Smem {
   T* q;
   T* k;
@@ -121,6 +128,13 @@ struct Carve {
     p += n * sizeof(X);
     return out;
   }
+  template <typename T, int HD> __device__ Smem<T> tiles() {  // every kernel's Q, K tiles and lse
+    Smem<T> sm;
+    sm.q = take<T>(kB * (HD + kPad));
+    sm.k = take<T>(kB * (HD + kPad));
+    sm.lse = take<float>(kB);
+    return sm;
+  }
 };
 
 // Per-lane row bookkeeping of a row-major block (rows rr[0], rr[1] of the cached rows).
@@ -140,38 +154,45 @@ struct RowState {
       zo[r] = valid[r] && zor > 0.f ? zor : 1.f;
     }
   }
+  // Exclusive end of the keys the block's rows see; 0 when none of them has a divergence.
+  __device__ int key_hi(const DivParams& p, int m0) const {
+    const int R = p.Tq - p.r0, last = m0 + kB < R ? m0 + kB : R;
+    return __syncthreads_or(valid[0] || valid[1]) ? key_end(p.r0 + last, p.Tq, p.Tk, p.causal) : 0;
+  }
 };
+
+// Row-major key tile n0 of group grp: its key flags, support bits and group means.
+template <typename T, int HD, int NT>
+__device__ __forceinline__ uint32_t row_tile(float (&abar)[NT][4], float (&bbar)[NT][4], const Smem<T>& sm,
+                                             uint8_t* sKok, const RowState& rs, const DivParams& p, int b, int grp,
+                                             int m0, int n0) {
+  const int R = p.Tq - p.r0, n = p.Hq / p.G, n_o = p.Ho / p.G;
+  __syncthreads();  // the previous tile's key flags are no longer read
+  load_key_ok<NT * 8>(sKok, p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr, n0, p.Tk);
+  __syncthreads();
+  const uint32_t supp = support_rows<NT>(sKok, rs.rr, rs.valid, n0, p);
+  group_mean<T, HD, NT, true>(abar, supp, sm, current_side(p), b, grp * n, n, m0, R, n0, p.Tk);
+  group_mean<T, HD, NT, true>(bbar, supp, sm, old_side(p), b, grp * n_o, n_o, m0, R, n0, p.Tk);
+  return supp;
+}
 
 template <typename T, int HD, int DIV>
 __global__ void __launch_bounds__(kThreads, 1) div_fwd_kernel(const DivParams p) {
   constexpr int BN = inner_tile<HD>(), NT = BN / 8;
   RAL_DYN_SMEM(smem);
   Carve c{smem};
-  Smem<T> sm;
-  sm.q = c.take<T>(kB * (HD + kPad));
-  sm.k = c.take<T>(kB * (HD + kPad));
-  sm.lse = c.take<float>(kB);
+  const Smem<T> sm = c.tiles<T, HD>();
   uint8_t* sKok = c.take<uint8_t>(kB);
 
   const int m0 = blockIdx.x * kB, bg = blockIdx.y, b = bg / p.G, grp = bg % p.G;
-  const int n = p.Hq / p.G, n_o = p.Ho / p.G, R = p.Tq - p.r0, lane = threadIdx.x % kWarpSize;
-  const Side cur{p.q, p.lse, p.k, p.Tq, p.r0, p.Hq, p.Hk, p.scale};
-  const Side old{p.q_old, p.lse_old, p.k_old, R, 0, p.Ho, p.Hko, p.old_scale};
-  const uint8_t* kmask = p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr;
+  const int n = p.Hq / p.G, R = p.Tq - p.r0, lane = threadIdx.x % kWarpSize;
   const RowState rs(p, bg, m0);
-  const int any = __syncthreads_or(rs.valid[0] || rs.valid[1]);
-  const int last = m0 + kB < R ? m0 + kB : R;
-  const int hi = any ? key_end(p.r0 + last, p.Tq, p.Tk, p.causal) : 0;
+  const int hi = rs.key_hi(p, m0);
 
   float d_acc[2] = {0.f, 0.f}, e_acc[2] = {0.f, 0.f};
   for (int n0 = 0; n0 < hi; n0 += BN) {
-    __syncthreads();
-    load_key_ok<BN>(sKok, kmask, n0, p.Tk);
-    __syncthreads();
-    const uint32_t supp = support_rows<NT>(sKok, rs.rr, rs.valid, n0, p);
     float gv[NT][4], bbar[NT][4];
-    group_mean<T, HD, NT, true>(gv, supp, sm, cur, b, grp * n, n, m0, R, n0, p.Tk);
-    group_mean<T, HD, NT, true>(bbar, supp, sm, old, b, grp * n_o, n_o, m0, R, n0, p.Tk);
+    const uint32_t supp = row_tile<T, HD, NT>(gv, bbar, sm, sKok, rs, p, b, grp, m0, n0);
 #pragma unroll
     for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -188,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1) div_fwd_kernel(const DivParams p)
       const int h = grp * n + hh;
       float alpha[NT][4];
       zero(alpha);
-      head_alpha<T, HD, NT, true>(alpha, supp, sm, cur, b, h, m0, R, n0, p.Tk);
+      head_alpha<T, HD, NT, true>(alpha, supp, sm, current_side(p), b, h, m0, R, n0, p.Tk);
       float sa[2] = {0.f, 0.f};
 #pragma unroll
       for (int t = 0; t < NT; ++t)
@@ -250,17 +271,11 @@ __global__ void __launch_bounds__(kThreads, 1) div_bwd_rows_kernel(const DivPara
   constexpr int BN = inner_tile<HD>(), NT = BN / 8;
   RAL_DYN_SMEM(smem);
   Carve c{smem};
-  Smem<T> sm;
-  sm.q = c.take<T>(kB * (HD + kPad));
-  sm.k = c.take<T>(kB * (HD + kPad));
-  sm.lse = c.take<float>(kB);
+  const Smem<T> sm = c.tiles<T, HD>();
   uint8_t* sKok = c.take<uint8_t>(kB);
 
   const int m0 = blockIdx.x * kB, bg = blockIdx.y, b = bg / p.G, grp = bg % p.G;
-  const int n = p.Hq / p.G, n_o = p.Ho / p.G, R = p.Tq - p.r0, warp = threadIdx.x / kWarpSize;
-  const Side cur{p.q, p.lse, p.k, p.Tq, p.r0, p.Hq, p.Hk, p.scale};
-  const Side old{p.q_old, p.lse_old, p.k_old, R, 0, p.Ho, p.Hko, p.old_scale};
-  const uint8_t* kmask = p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr;
+  const int n = p.Hq / p.G, R = p.Tq - p.r0, warp = threadIdx.x / kWarpSize;
   const RowState rs(p, bg, m0);
   float e_row[2], w[2];
 #pragma unroll
@@ -268,18 +283,11 @@ __global__ void __launch_bounds__(kThreads, 1) div_bwd_rows_kernel(const DivPara
     e_row[r] = rs.valid[r] ? p.e[int64_t(bg) * R + rs.rr[r]] : 0.f;
     w[r] = rs.valid[r] ? p.w[int64_t(bg) * R + rs.rr[r]] : 0.f;
   }
-  const int any = __syncthreads_or(rs.valid[0] || rs.valid[1]);
-  const int last = m0 + kB < R ? m0 + kB : R;
-  const int hi = any ? key_end(p.r0 + last, p.Tq, p.Tk, p.causal) : 0;
+  const int hi = rs.key_hi(p, m0);
 
   for (int n0 = 0; n0 < hi; n0 += BN) {
-    __syncthreads();
-    load_key_ok<BN>(sKok, kmask, n0, p.Tk);
-    __syncthreads();
-    const uint32_t supp = support_rows<NT>(sKok, rs.rr, rs.valid, n0, p);
     float gg[NT][4], bbar[NT][4];
-    group_mean<T, HD, NT, true>(gg, supp, sm, cur, b, grp * n, n, m0, R, n0, p.Tk);
-    group_mean<T, HD, NT, true>(bbar, supp, sm, old, b, grp * n_o, n_o, m0, R, n0, p.Tk);
+    const uint32_t supp = row_tile<T, HD, NT>(gg, bbar, sm, sKok, rs, p, b, grp, m0, n0);
 #pragma unroll
     for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -291,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1) div_bwd_rows_kernel(const DivPara
       const int h = grp * n + hh;
       float alpha[NT][4];
       zero(alpha);
-      head_alpha<T, HD, NT, true>(alpha, supp, sm, cur, b, h, m0, R, n0, p.Tk);  // sm.k = K tile of h
+      head_alpha<T, HD, NT, true>(alpha, supp, sm, current_side(p), b, h, m0, R, n0, p.Tk);  // sm.k = K tile of h
       float* dq = p.dq + ((int64_t(b) * p.Hq + h) * p.Tq + p.r0) * HD;
       add_ds_times<T, HD, NT>(dq, m0 + warp * 16, R, alpha, gg, p.scale, sm.k);
     }
@@ -303,10 +311,7 @@ __global__ void __launch_bounds__(kThreads, 1) div_bwd_keys_kernel(const DivPara
   constexpr int BM = inner_tile<HD>(), NT = BM / 8;
   RAL_DYN_SMEM(smem);
   Carve c{smem};
-  Smem<T> sm;
-  sm.q = c.take<T>(kB * (HD + kPad));
-  sm.k = c.take<T>(kB * (HD + kPad));
-  sm.lse = c.take<float>(kB);
+  const Smem<T> sm = c.tiles<T, HD>();
   float* sZ = c.take<float>(kB);
   float* sZo = c.take<float>(kB);
   float* sE = c.take<float>(kB);
@@ -319,8 +324,7 @@ __global__ void __launch_bounds__(kThreads, 1) div_bwd_keys_kernel(const DivPara
   const int b = per_head ? blockIdx.y / p.Hk : blockIdx.y;
   const int grp_lo = per_head ? (blockIdx.y % p.Hk) * gqa : 0, grp_hi = per_head ? grp_lo + gqa : 1;
   const int n = p.Hq / p.G, n_o = p.Ho / p.G, R = p.Tq - p.r0, warp = threadIdx.x / kWarpSize;
-  const Side cur{p.q, p.lse, p.k, p.Tq, p.r0, p.Hq, p.Hk, p.scale};
-  const Side old{p.q_old, p.lse_old, p.k_old, R, 0, p.Ho, p.Hko, p.old_scale};
+  const Side cur = current_side(p), old = old_side(p);
   load_key_ok<kB>(sKok, p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr, n0, p.Tk);
   int m_lo = 0;
   if (p.causal) {  // cached rows that see this key block: r0 + m >= n0 - (Tk - Tq)

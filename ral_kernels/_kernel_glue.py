@@ -8,11 +8,28 @@ the ``-alpha_h c_h`` part of the divergence's dS and ``w = ddiv / n`` on rows wi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from ._semantics import support_mass_from_lse
+
+
+def without_divergence_rows(out, lse, groups: int, ho: int):
+    """``fwd``'s outputs when there are no cached rows (R = 0): a zero divergence and empty
+    statistics."""
+    b, hq, tq = lse.shape
+    div = lse.new_zeros(b, tq) if groups == 1 else lse.new_zeros(b, hq, tq)
+    z = lse.new_zeros(b, groups, 0)
+    return out, div, lse, lse.new_zeros(b, ho, 0), z, z.clone(), z.clone(), lse.new_zeros(b, hq, 0)
+
+
+def divergence_buffers(b: int, groups: int, hq: int, tq: int, n_old: int, device):
+    """Zeroed ``div`` ``[B, G, Tq]`` and the accumulators ``E`` ``[B, G, R]`` and ``A_h``
+    ``[B, Hq, R]`` that the divergence pass adds to."""
+    zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
+    return zeros(b, groups, tq), zeros(b, groups, n_old), zeros(b, hq, n_old)
 
 
 def old_lse_and_mass(lse_old, q_old, k_old, old_sm_scale, r0, tq, tk, key_mask, exclude_self):

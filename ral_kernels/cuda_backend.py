@@ -92,12 +92,8 @@ def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale, 
     ext.attn_fwd(qp, kp, vp, out, lse, mass, km, tq, 0, r0, sm_scale, causal, track_self)
     out = out[..., :dv]
 
-    div = torch.zeros(b, groups, tq, dtype=torch.float32, device=dev)
-    z = torch.zeros(b, groups, n_old, dtype=torch.float32, device=dev)
-    z_old, e_stat = torch.zeros_like(z), torch.zeros_like(z)
-    c_stat = torch.zeros(b, hq, n_old, dtype=torch.float32, device=dev)
     if n_old == 0:
-        return out, (div[:, 0] if groups == 1 else div), lse, torch.zeros(b, ho, 0, device=dev), z, z_old, e_stat, c_stat
+        return glue.without_divergence_rows(out, lse, groups, ho)
 
     if lse_old is None:
         lse_old = _alloc((b, ho, n_old), torch.float32, dev)
@@ -108,7 +104,7 @@ def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale, 
                                                   exclude_self)
     mass_cur = mass if track_self else torch.isfinite(lse[:, :, r0:]).float()
     z, z_old = glue.group_supports(mass_cur, mass_old, query_mask, r0, groups)
-    a_stat = torch.zeros(b, hq, n_old, dtype=torch.float32, device=dev)
+    div, e_stat, a_stat = glue.divergence_buffers(b, groups, hq, tq, n_old, dev)
     ext.div_fwd(qp, kp, lse, qop, kop, lse_old, z, z_old, div, e_stat, a_stat, km, r0, sm_scale, old_sm_scale,
                 DIVERGENCES.index(divergence), causal, exclude_self)
     c_stat = glue.row_coupling(a_stat, e_stat, mass_cur, z)

@@ -92,12 +92,8 @@ def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale, 
         CAUSAL=causal, HAS_KMASK=has_km, EXCLUDE_SELF=track_self, INPUT_PREC=prec,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), **launch)
 
-    div = torch.zeros(b, groups, tq, dtype=torch.float32, device=dev)
-    z = torch.zeros(b, groups, n_old, dtype=torch.float32, device=dev)
-    z_old, e_stat = torch.zeros_like(z), torch.zeros_like(z)
-    c_stat = torch.zeros(b, hq, n_old, dtype=torch.float32, device=dev)
     if n_old == 0:
-        return out, (div[:, 0] if groups == 1 else div), lse, torch.zeros(b, ho, 0, device=dev), z, z_old, e_stat, c_stat
+        return glue.without_divergence_rows(out, lse, groups, ho)
 
     if lse_old is None:
         lse_old = _alloc((b, ho, n_old), torch.float32, dev)
@@ -112,7 +108,7 @@ def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale, 
                                                   exclude_self)
     mass_cur = mass if track_self else torch.isfinite(lse[:, :, r0:]).float()
     z, z_old = glue.group_supports(mass_cur, mass_old, query_mask, r0, groups)
-    a_stat = torch.zeros(b, hq, n_old, dtype=torch.float32, device=dev)
+    div, e_stat, a_stat = glue.divergence_buffers(b, groups, hq, tq, n_old, dev)
     kern._div_fwd_kernel[(triton.cdiv(n_old, bm), b * groups)](
         q, k, lse, q_old, k_old, lse_old, z, z_old, km, div, e_stat, a_stat,
         sm_scale, old_sm_scale, tq, tk, r0, groups, n, n_o, hq // hk, ho // hko,

@@ -181,3 +181,23 @@ def assert_within_plain_error(got, plain, exact, *, names=("out", "div", "dq", "
         bound = factor * ref_err + floor * max(1.0, e.abs().max().item() if e.numel() else 0.0)
         assert err <= bound, (f"{name}: max error {err:.3e} (mean {(a - e).abs().mean().item():.3e}) vs "
                               f"plain PyTorch {ref_err:.3e}, bound {bound:.3e}")
+
+
+def largest_new_tensor(fn) -> int:
+    """The element count of the largest tensor any op creates while ``fn()`` runs (the
+    cost-model tests: nothing may be ``Tq x Tk``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            for t in res if isinstance(res, (tuple, list)) else (res,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return res
+
+    with Largest():
+        fn()
+    return Largest.numel

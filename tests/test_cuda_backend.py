@@ -13,8 +13,8 @@ import functools
 import pytest
 import torch
 
-from conftest import (DEVICE, ON_GPU, Case, assert_close, assert_within_plain_error, make_inputs, op_kwargs,
-                      run_op)
+from conftest import (DEVICE, ON_GPU, Case, assert_close, assert_within_plain_error, largest_new_tensor,
+                      make_inputs, op_kwargs, run_op)
 from ral_kernels import BackendUnavailableError, fused_attn_kl, fused_attn_kl_varlen, make_old_policy_cache
 from ral_kernels.api import _unavailable_reason
 from test_fused_attn_kl import CASES, to64, with_lse_old
@@ -118,26 +118,16 @@ def test_varlen_equals_per_sequence_padded_form():
 
 
 def test_never_allocates_tq_by_tk():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     case = Case(b=1, hq=2, hk=1, tq=256, tk=256, d=64, dv=64, ho=2, hko=1, do=64, exclude_self=True)
     x = make_inputs(case, torch.float16, seed=6, device=DEVICE)
-
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            res = func(*args, **(kwargs or {}))
-            for t in res if isinstance(res, (tuple, list)) else (res,):
-                if isinstance(t, torch.Tensor):
-                    Largest.numel = max(Largest.numel, t.numel())
-            return res
-
     q = x["q"].clone().requires_grad_()
-    with Largest():
+
+    def step():
         out, div = cuda_op(q, x["k"], x["v"], x["q_old"], x["k_old"], exclude_self=True)
         (out.float().sum() + div.sum()).backward()
-    assert 0 < Largest.numel <= 2 * 256 * 64, Largest.numel  # q-sized buffers only
+
+    numel = largest_new_tensor(step)
+    assert 0 < numel <= 2 * 256 * 64, numel  # q-sized buffers only
 
 
 def test_errors_name_the_problem():

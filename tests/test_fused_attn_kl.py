@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import (DEVICE, ON_GPU, Case, assert_close, assert_within_plain_error, backends_under_test,
-                      make_inputs, op_kwargs, oracle_dtype, run_op)
+                      largest_new_tensor, make_inputs, op_kwargs, oracle_dtype, run_op)
 from ral_kernels import fused_attn_kl, make_old_policy_cache
 from ral_kernels.torch_backend import lse_rows
 
@@ -186,23 +186,13 @@ def test_cache_of_response_rows_equals_full_old_queries(backend):
 def test_never_allocates_tq_by_tk(backend, small_blocks):
     """Cost model: no tensor created during forward and backward is as large as Tq x Tk
     (per head or head-summed); the largest temporaries are tiles."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     case = Case(b=1, hq=2, hk=1, tq=256, tk=256, d=8, dv=8, ho=2, hko=1, do=8, exclude_self=True)
     x = make_inputs(case, torch.float32, seed=6, device=DEVICE)
-
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            res = func(*args, **(kwargs or {}))
-            for t in res if isinstance(res, (tuple, list)) else (res,):
-                if isinstance(t, torch.Tensor):
-                    Largest.numel = max(Largest.numel, t.numel())
-            return res
-
     q = x["q"].clone().requires_grad_()
-    with Largest():
+
+    def step():
         out, div = fused_attn_kl(q, x["k"], x["v"], x["q_old"], x["k_old"], exclude_self=True, backend=backend)
         (out.sum() + div.sum()).backward()
-    assert 0 < Largest.numel < 256 * 256 // 4, Largest.numel
+
+    numel = largest_new_tensor(step)
+    assert 0 < numel < 256 * 256 // 4, numel

@@ -5,20 +5,15 @@ process on the whole batch."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from trainer_helpers import free_port
+
 B, T, R, STEPS = 4, 12, 4, 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch():
@@ -108,7 +103,7 @@ needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 def one_process(tmp_path_factory):
     """The reference: one process on the whole batch (shared by the DDP and FSDP2 tests)."""
     out = str(tmp_path_factory.mktemp("one") / "one.pt")
-    _worker(0, 1, _free_port(), out)
+    _worker(0, 1, free_port(), out)
     return torch.load(out)
 
 
@@ -127,7 +122,7 @@ def _assert_match(a, b):
 @needs_gloo
 def test_ddp_two_processes_match_one(one_process, tmp_path):
     two = str(tmp_path / "two.pt")
-    mp.spawn(_worker, args=(2, _free_port(), two, "ddp"), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), two, "ddp"), nprocs=2, join=True)
     _assert_match(one_process, torch.load(two))
 
 
@@ -137,7 +132,7 @@ def test_fsdp2_two_processes_match_one(one_process, tmp_path):
     patched layer's fused op gets the full, unsharded q/k/v (FSDP2 all-gathers the
     parameters before the layer's forward), so training matches one process."""
     two = str(tmp_path / "two.pt")
-    mp.spawn(_worker, args=(2, _free_port(), two, "fsdp2"), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), two, "fsdp2"), nprocs=2, join=True)
     b = torch.load(two)
     assert len(b["sharded"]) == len(one_process["state"])  # every weight was a DTensor shard
     # the last layer (the patched one) ran the fused op in each update step on plain tensors

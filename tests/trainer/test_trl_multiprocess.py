@@ -8,24 +8,17 @@ finite."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from trainer_helpers import assert_trl_ranks_in_sync, spawn_ranks
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out: str):
@@ -59,14 +52,7 @@ def _worker(rank: int, port: int, out: str):
 
 
 def test_two_processes_stay_in_sync(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    ranks = spawn_ranks(_worker, WORLD, tmp_path)
     assert all(r["world"] == WORLD for r in ranks)
     assert ranks[0]["wrapped"] == "DistributedDataParallel"
-    assert len(ranks[0]["sums"]) == 3
-    for a, b in zip(ranks[0]["sums"], ranks[1]["sums"]):
-        assert math.isclose(a, b, rel_tol=0, abs_tol=1e-9), (a, b)
-    steps = [h for h in ranks[0]["history"] if "loss" in h]
-    assert steps and all(math.isfinite(v) for h in steps for v in h.values() if isinstance(v, float))
-    att = [h[k] for h in steps for k in h if "attention" in k and "loss" in k]
-    assert att and max(abs(v) for v in att) > 0, steps
+    assert_trl_ranks_in_sync(ranks, steps=3)

@@ -10,13 +10,12 @@ unset, so the HF Trainer's torch AdamW runs on the ZeRO-3 partitions."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from trainer_helpers import assert_trl_ranks_in_sync, spawn_ranks
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
@@ -37,12 +36,6 @@ DS_CONFIG = {
     "bf16": {"enabled": False},
     "fp16": {"enabled": False},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out: str):
@@ -102,8 +95,7 @@ def _worker(rank: int, port: int, out: str):
 
 
 def test_zero3_two_processes(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    ranks = spawn_ranks(_worker, WORLD, tmp_path)
     assert all(r["world"] == WORLD for r in ranks)
     assert all(r["wrapped"] == "DeepSpeedEngine" and r["zero_stage"] == 3 for r in ranks), ranks[0]["wrapped"]
     for r in ranks:  # ZeRO-3 partitioning: every param has ds_* metadata, each rank holds only its shard
@@ -111,11 +103,5 @@ def test_zero3_two_processes(tmp_path):
         assert p["all_ds"] and p["shapes_empty"], p
         assert p["local_numel"] * WORLD >= p["ds_numel"] > p["local_numel"], p
     assert ranks[0]["part"]["ds_numel"] == ranks[1]["part"]["ds_numel"]
-    assert len(ranks[0]["sums"]) == 3 and len(ranks[1]["sums"]) == 3
-    for a, b in zip(ranks[0]["sums"], ranks[1]["sums"]):
-        assert math.isclose(a, b, rel_tol=0, abs_tol=1e-9), (a, b)
+    assert_trl_ranks_in_sync(ranks, steps=3)
     assert ranks[0]["sums"][0] != ranks[0]["sums"][-1]  # the weights actually moved
-    steps = [h for h in ranks[0]["history"] if "loss" in h]
-    assert steps and all(math.isfinite(v) for h in steps for v in h.values() if isinstance(v, float))
-    att = [h[k] for h in steps for k in h if "attention" in k and "loss" in k]
-    assert att and max(abs(v) for v in att) > 0, steps

@@ -4,7 +4,12 @@ cannot clash with ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
+import json
+import math
+import socket
+
 import torch
+import torch.multiprocessing as mp
 
 from ral_trainer.models import tiny_model, token_type_kwargs
 from ral_trainer.visual_search import VisualSearchTask
@@ -45,3 +50,30 @@ def tiny_model_cache(arch):
     if arch not in _MODELS:
         _MODELS[arch] = tiny_model(arch)
     return _MODELS[arch]
+
+
+# --------------------------------------------------------------------------- several processes
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker, world: int, out) -> list[dict]:
+    """Run ``worker(rank, port, out)`` in ``world`` processes; each writes ``out/rank{r}.json``."""
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=world, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def assert_trl_ranks_in_sync(ranks: list[dict], steps: int) -> None:
+    """TRL multi-process runs: every rank saw the same weight sums after each of ``steps``
+    optimizer steps, logged only finite values, and the attention term was non-zero."""
+    for r in ranks:
+        assert len(r["sums"]) == steps
+        for a, b in zip(ranks[0]["sums"], r["sums"]):
+            assert math.isclose(a, b, rel_tol=0, abs_tol=1e-9), (a, b)
+    logged = [h for h in ranks[0]["history"] if "loss" in h]
+    assert logged and all(math.isfinite(v) for h in logged for v in h.values() if isinstance(v, float))
+    att = [h[k] for h in logged for k in h if "attention" in k and "loss" in k]
+    assert att and max(abs(v) for v in att) > 0, logged
