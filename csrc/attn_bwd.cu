@@ -26,22 +26,6 @@ template <int HD> constexpr size_t dq_smem() {
   return size_t(2 * (kBN + 2 * inner_tile<HD>()) * (HD + kPad)) * 2 + 2 * inner_tile<HD>();
 }
 
-template <int NT, int HD>
-__device__ __forceinline__ void store_rows_f32(float* dst, const float (&acc)[NT][4], int row0, int nrows, float mul) {
-  const int lane = threadIdx.x % kWarpSize;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row0 + lane / 4 + 8 * r;
-    if (row >= nrows) continue;
-    float* o = dst + int64_t(row) * HD + 2 * (lane % 4);
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      o[t * 8] = acc[t][2 * r] * mul;
-      o[t * 8 + 1] = acc[t][2 * r + 1] * mul;
-    }
-  }
-}
-
 // Start loading row tile m0 of query head bh (Q, dO, lse, delta) into one pipeline stage.
 template <typename T, int BM, int HD>
 __device__ __forceinline__ void issue_rows(T* stage, float* stats, const BwdParams& p, int64_t bh, int m0) {
@@ -122,8 +106,8 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_kernel(const BwdPar
     gemm_pn<T, NM, NV>(dk, dpt, sQ, LD);
     __syncthreads();  // release this stage for the load issued in the next iteration
   }
-  store_rows_f32<NV, HD>(p.dk + kv_off, dk, n0 + warp * 16, p.Tk, p.scale);
-  store_rows_f32<NV, HD>(p.dv + kv_off, dv, n0 + warp * 16, p.Tk, 1.f);
+  store_rows_f32<NV, HD, false>(p.dk + kv_off, dk, n0 + warp * 16, p.Tk, p.scale);
+  store_rows_f32<NV, HD, false>(p.dv + kv_off, dv, n0 + warp * 16, p.Tk, 1.f);
 }
 
 template <typename T, int HD>
@@ -185,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const BwdParam
     gemm_pn<T, NT, NV>(dq, s, sK, LD);
     __syncthreads();  // release this stage for the load issued in the next iteration
   }
-  store_rows_f32<NV, HD>(p.dq + q_off, dq, m0 + warp * 16, p.Tq, p.scale);
+  store_rows_f32<NV, HD, false>(p.dq + q_off, dq, m0 + warp * 16, p.Tq, p.scale);
 }
 
 }  // namespace

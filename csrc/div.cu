@@ -252,18 +252,7 @@ __device__ __forceinline__ void add_ds_times(float* dst, int row0, int nrows, fl
   float upd[NV][4];
   zero(upd);
   gemm_pn<T, NT, NV>(upd, alpha, sB, HD + kPad);
-  const int lane = threadIdx.x % kWarpSize;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row0 + lane / 4 + 8 * r;
-    if (row >= nrows) continue;
-    float* o = dst + int64_t(row) * HD + 2 * (lane % 4);
-#pragma unroll
-    for (int t = 0; t < NV; ++t) {
-      o[t * 8] += upd[t][2 * r];
-      o[t * 8 + 1] += upd[t][2 * r + 1];
-    }
-  }
+  store_rows_f32<NV, HD, true>(dst, upd, row0, nrows, 1.f);
 }
 
 template <typename T, int HD, int DIV>

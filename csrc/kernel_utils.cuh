@@ -306,6 +306,24 @@ __device__ __forceinline__ void issue_kv(T* stage, uint8_t* key_ok, const T* k, 
   cp_async_commit();
 }
 
+// dst[row] (=, or += with ADD) mul * acc for the warp's 16 rows from row0 (fp32, rows past
+// nrows skipped); acc holds C fragments over NT * 8 columns.
+template <int NT, int HD, bool ADD>
+__device__ __forceinline__ void store_rows_f32(float* dst, const float (&acc)[NT][4], int row0, int nrows, float mul) {
+  const int lane = threadIdx.x % kWarpSize;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + lane / 4 + 8 * r;
+    if (row >= nrows) continue;
+    float* o = dst + int64_t(row) * HD + 2 * (lane % 4);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      o[t * 8] = (ADD ? o[t * 8] : 0.f) + acc[t][2 * r] * mul;
+      o[t * 8 + 1] = (ADD ? o[t * 8 + 1] : 0.f) + acc[t][2 * r + 1] * mul;
+    }
+  }
+}
+
 // ------------------------------------------------------------------ masks and terms
 
 // allowed(i, j) (SPEC: key mask and bottom-right causal) for query position i, given that

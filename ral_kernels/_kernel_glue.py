@@ -16,6 +16,16 @@ import torch
 from ._semantics import support_mass_from_lse
 
 
+def check_supported(backend: str, q, d_old: int, dv: int, dtypes, max_head_dim: int) -> None:
+    """The kernels' dtype and head-dim limits, as errors naming the backend."""
+    if q.dtype not in dtypes:
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        raise TypeError(f"backend={backend!r} supports {', '.join(names[:-1])} or {names[-1]} inputs, got {q.dtype}")
+    if max(q.shape[-1], d_old, dv) > max_head_dim:
+        raise ValueError(f"backend={backend!r} supports head dims up to {max_head_dim}, "
+                         f"got D={q.shape[-1]}, Do={d_old}, Dv={dv}")
+
+
 def without_divergence_rows(out, lse, groups: int, ho: int):
     """``fwd``'s outputs when there are no cached rows (R = 0): a zero divergence and empty
     statistics."""

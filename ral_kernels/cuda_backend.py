@@ -52,11 +52,7 @@ def padded_head_dim(*dims: int) -> int:
 
 
 def check_supported(q: torch.Tensor, d_old: int, dv: int) -> None:
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"backend='cuda' supports float16 and bfloat16 inputs, got {q.dtype}")
-    if max(q.shape[-1], d_old, dv) > MAX_HEAD_DIM:
-        raise ValueError(f"backend='cuda' supports head dims up to {MAX_HEAD_DIM}, "
-                         f"got D={q.shape[-1]}, Do={d_old}, Dv={dv}")
+    glue.check_supported('cuda', q, d_old, dv, SUPPORTED_DTYPES, MAX_HEAD_DIM)
 
 
 def _prep(x: torch.Tensor, hd: int) -> torch.Tensor:

@@ -51,11 +51,7 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def check_supported(q: torch.Tensor, d_old: int, dv: int) -> None:
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got {q.dtype}")
-    if max(q.shape[-1], d_old, dv) > MAX_HEAD_DIM:
-        raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, "
-                         f"got D={q.shape[-1]}, Do={d_old}, Dv={dv}")
+    glue.check_supported('triton', q, d_old, dv, SUPPORTED_DTYPES, MAX_HEAD_DIM)
 
 
 def _kmask(key_mask, like):
