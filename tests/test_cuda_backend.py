@@ -70,14 +70,15 @@ def test_no_key_rows_are_zero_and_finite(dtype, poison):
 @pytest.mark.parametrize("head_reduction", ["mean", "none"])
 def test_zero_at_old_policy(head_reduction):
     """theta = theta_old: current and old statistics come from the same kernel code on the
-    same inputs, so the divergence and its gradient vanish exactly."""
+    same inputs, so the divergence and its gradient vanish (to rounding: the two lse come
+    from two instantiations of the forward kernel)."""
     case = Case(b=2, hq=4, hk=2, tq=45, tk=45, d=64, dv=64, ho=4, hko=2, do=64)
     x = make_inputs(case, torch.float16, seed=9, device=DEVICE)
     q = x["q"].clone().requires_grad_()
     _, div = cuda_op(q, x["k"], x["v"], x["q"], x["k"], head_reduction=head_reduction)
     div.sum().backward()
-    assert div.abs().max() == 0
-    assert q.grad.abs().max() == 0
+    assert div.abs().max() < 1e-6
+    assert q.grad.abs().max() < 1e-4
 
 
 def test_cache_of_response_rows_equals_full_old_queries():
