@@ -72,8 +72,10 @@ int head_dim(const Tensor& q) {
   return int(q.size(3));
 }
 
-void check_heads(int64_t h, int64_t hk, const char* what) {
+// Query heads must be a multiple of key heads (GQA); batch x heads is a grid dimension.
+void check_heads(int64_t b, int64_t h, int64_t hk, const char* what) {
   TORCH_CHECK(hk > 0 && h % hk == 0, what, ": ", h, " query heads are not a multiple of ", hk, " key heads");
+  TORCH_CHECK(b * h <= 65535, what, ": batch x heads = ", b * h, " exceeds the CUDA grid limit of 65535; split the batch");
 }
 
 const uint8_t* kmask_ptr(const OptTensor& kmask, const Tensor& q, int64_t B, int64_t Tk) {
@@ -112,7 +114,7 @@ void attn_fwd(const Tensor& q, const Tensor& k, const OptTensor& v, const OptTen
   p.HK = int(k.size(1));
   p.Tk = int(k.size(2));
   TORCH_CHECK(k.size(0) == p.B, "k must have batch ", p.B, ", got ", k.size(0));
-  check_heads(p.H, p.HK, "attn_fwd");
+  check_heads(p.B, p.H, p.HK, "attn_fwd");
   TORCH_CHECK(v.has_value() == out.has_value(), "v and out must be given together");
   if (v) {
     check_input(*v, "v", q, hd);
@@ -153,7 +155,7 @@ void attn_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& d
   p.Tq = int(q.size(2));
   p.HK = int(k.size(1));
   p.Tk = int(k.size(2));
-  check_heads(p.H, p.HK, "attn_bwd");
+  check_heads(p.B, p.H, p.HK, "attn_bwd");
   TORCH_CHECK(k.size(0) == p.B && v.sizes() == k.sizes() && dout.sizes() == q.sizes(),
               "k, v, dout must match q's batch and each other's shapes");
   check_f32(lse, "lse", q, {p.B, p.H, p.Tq});
@@ -199,8 +201,8 @@ ral::DivParams div_params(const Tensor& q, const Tensor& k, const Tensor& lse, c
   TORCH_CHECK(k.size(0) == p.B && q_old.size(0) == p.B && k_old.size(0) == p.B, "batch sizes differ");
   TORCH_CHECK(q_old.size(2) == R && k_old.size(2) == p.Tk, "q_old must have R = ", R, " rows and k_old ", p.Tk,
               " keys, got ", q_old.sizes(), " and ", k_old.sizes());
-  check_heads(p.Hq, p.Hk, "current policy");
-  check_heads(p.Ho, p.Hko, "old policy");
+  check_heads(p.B, p.Hq, p.Hk, "current policy");
+  check_heads(p.B, p.Ho, p.Hko, "old policy");
   TORCH_CHECK(p.G == 1 || (p.G == p.Hq && p.Ho == p.Hq), "groups must be 1 (mean) or Hq == Ho (none), got ", p.G);
   TORCH_CHECK(divergence >= 0 && divergence <= 2, "divergence code must be 0, 1 or 2, got ", divergence);
   check_f32(lse, "lse", q, {p.B, p.Hq, p.Tq});

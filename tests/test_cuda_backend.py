@@ -162,5 +162,9 @@ def test_extension_validates_its_inputs():
         ext.attn_fwd(q, k.bfloat16(), k, torch.empty_like(q), lse, None, None, 8, 0, 0, 0.1, True, False)
     with pytest.raises(RuntimeError, match="head dim of 64 or 128"):
         ext.attn_fwd(q[..., :32].contiguous(), k, k, torch.empty_like(q), lse, None, None, 8, 0, 0, 0.1, True, False)
+    many = torch.randn(1100, 64, 1, 64, dtype=torch.float16)  # batch x heads over the grid's 65535
+    with pytest.raises(RuntimeError, match="exceeds the CUDA grid limit"):
+        ext.attn_fwd(many, many[:, :1].contiguous(), None, None, torch.empty(1100, 64, 1), None, None, 1, 0, 0, 0.1,
+                     True, False)
     with pytest.raises(RuntimeError, match="must be contiguous"):
         ext.attn_fwd(q.transpose(1, 2), k, k, torch.empty_like(q), lse, None, None, 8, 0, 0, 0.1, True, False)
