@@ -86,7 +86,7 @@ def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale, 
     track_self = exclude_self and n_old > 0
     mass = _alloc((b, hq, n_old), torch.float32, dev) if track_self else None
     ext.attn_fwd(qp, kp, vp, out, lse, mass, km, tq, 0, r0, sm_scale, causal, track_self)
-    out = out[..., :dv]
+    out = out if dv == hd else out[..., :dv].contiguous()  # the strides register_fake promises
 
     if n_old == 0:
         return glue.without_divergence_rows(out, lse, groups, ho)
