@@ -125,7 +125,6 @@ def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale, 
     b, hq, tq, _ = q.shape
     tk, dv = k.shape[2], v.shape[3]
     ho, n_old = q_old.shape[1], q_old.shape[2]
-    hko = k_old.shape[1]
     groups = 1 if head_reduction == "mean" else hq
     cdt = _stat_dtype(q)
     r0 = tq - n_old

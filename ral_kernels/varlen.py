@@ -29,7 +29,7 @@ def _lengths(name: str, cu, batch: Optional[int], total: int) -> list[int]:
     return [b - a for a, b in zip(offs, offs[1:])]
 
 
-def _index(lengths: list[int], width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded_index(lengths: list[int], width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, position) of every packed row in the left-padded ``[B, width]`` layout."""
     lens = torch.tensor(lengths, device=device)
     batch = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens)
@@ -101,7 +101,7 @@ def fused_attn_kl_varlen(
 
     b, dev = len(lq), q.device
     tq, tk, n_old = max(lq), max(lk), max(lo)
-    iq, ik, io = _index(lq, tq, dev), _index(lk, tk, dev), _index(lo, n_old, dev)
+    iq, ik, io = left_padded_index(lq, tq, dev), left_padded_index(lk, tk, dev), left_padded_index(lo, n_old, dev)
     key_mask = torch.zeros(b, tk, dtype=torch.bool, device=dev).index_put(ik, torch.tensor(True, device=dev))
     qmask = query_mask if query_mask is not None else torch.ones(q.shape[0], dtype=torch.bool, device=dev)
     qmask_pad = torch.zeros(b, tq, dtype=torch.bool, device=dev).index_put(iq, qmask)

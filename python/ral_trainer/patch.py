@@ -48,6 +48,7 @@ from typing import Optional, Sequence
 import torch
 
 import ral_kernels
+from ral_kernels.varlen import left_padded_index
 
 from .models import decoder_layers, model_type
 
@@ -178,10 +179,7 @@ class _Layout:
 
 def _segments_layout(lengths: list, device) -> _Layout:
     width = max(lengths)
-    lens = torch.tensor(lengths, device=device)
-    bi = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens)
-    starts = torch.cumsum(lens, 0) - lens
-    pi = torch.arange(int(lens.sum()), device=device) - starts[bi] + (width - lens[bi])
+    bi, pi = left_padded_index(lengths, width, device)
     key_mask = torch.zeros(len(lengths), width, dtype=torch.bool, device=device)
     key_mask[bi, pi] = True
     return _Layout(key_mask, (lengths, bi, pi, width))
@@ -451,10 +449,10 @@ class RALPatch:
                              f"{q.shape[2]} queries for {k.shape[2]} keys")
         scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
         layout = _layout_from(mask, q, k, kwargs, state.orig_impl)
-        qp, kp, vp = layout.to_padded(q), layout.to_padded(k), layout.to_padded(v)
-        t = qp.shape[2]
         if mode == "capture":
             ctx: CaptureContext = self._ctx
+            qp, kp = layout.to_padded(q), layout.to_padded(k)
+            t = qp.shape[2]
             r = t if ctx.num_rows is None else int(ctx.num_rows)
             if not 0 < r <= t:
                 raise PatchError(f"capture(num_rows={ctx.num_rows}) but the sequences have {t} tokens")
@@ -484,10 +482,10 @@ class RALPatch:
             targets.append((ctx._teacher_mapping[state.layer_idx], ctx.teacher_divergence_name,
                             ctx.teacher_per_layer, "teacher"))
         out = None
+        dt = q.dtype
         for cap, div_name, store, what in targets:
-            self._check_aligned(cap, qp, km, rm, state.layer_idx, what)
+            self._check_aligned(cap, km, rm, state.layer_idx, what)
             c = cap.cache
-            dt = qp.dtype
             kw = dict(causal=True, sm_scale=scale, old_sm_scale=cap.sm_scale, divergence=div_name,
                       head_reduction="mean", exclude_self=ctx.exclude_self, backend=self.backend)
             if layout.packed:  # padding-free input: the varlen op on the packed tokens
@@ -498,20 +496,21 @@ class RALPatch:
                     layout.padded_to_varlen(c.k_old).to(dt), cu, cu, cu_seqlens_old=cu_old, lse_old=lse_old,
                     query_mask=ctx.response_mask[0].to(q.device), **kw)
                 o, div = o.transpose(0, 1).unsqueeze(0), div.unsqueeze(0)
-            else:
-                o, div = ral_kernels.fused_attn_kl(qp, kp, vp, c.q_old.to(dt), c.k_old.to(dt), lse_old=c.lse_old,
+            else:  # padded input: the layer's own q, k, v
+                o, div = ral_kernels.fused_attn_kl(q, k, v, c.q_old.to(dt), c.k_old.to(dt), lse_old=c.lse_old,
                                                    query_mask=rm, key_mask=km, **kw)
             # a second target recomputes the output; the model uses the first one's
             out = o if out is None else out
             store[state.layer_idx] = div
         if ctx.record_attention:
             r = targets[0][0].cache.q_old.shape[2]
-            ctx.attention_rows[state.layer_idx] = _attention_rows(qp.detach(), kp.detach(), km, r, scale)
+            ctx.attention_rows[state.layer_idx] = _attention_rows(layout.to_padded(q).detach(),
+                                                                  layout.to_padded(k).detach(), km, r, scale)
         return out.transpose(1, 2).contiguous(), None
 
     @staticmethod
-    def _check_aligned(cap: LayerCapture, qp, km, rm, layer_idx, what):
-        b, t = qp.shape[0], qp.shape[2]
+    def _check_aligned(cap: LayerCapture, km, rm, layer_idx, what):
+        b, t = rm.shape
         c = cap.cache
         if c.q_old.shape[0] != b or cap.num_tokens != t:
             raise PatchError(
@@ -520,8 +519,8 @@ class RALPatch:
                 "(use old.select(idx) for minibatches)")
         cm = cap.key_mask
         if (cm is None) != (km is None) or (km is not None and not torch.equal(cm.to(km.device), km)):
-            ones = torch.ones(b, t, dtype=torch.bool, device=qp.device)
-            a = ones if cm is None else cm.to(qp.device)
+            ones = torch.ones(b, t, dtype=torch.bool, device=rm.device)
+            a = ones if cm is None else cm.to(rm.device)
             m = ones if km is None else km
             if not torch.equal(a, m):
                 raise PatchError(f"the captured {what} saw different padding than this pass (attention masks "

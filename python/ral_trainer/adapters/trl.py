@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -44,7 +44,7 @@ import ral_kernels
 from ..losses import TeacherMisalignmentError
 from ..patch import LayerCapture, OldPolicy, PatchError, patch_model
 from ..trainer import ZeroAttentionTermWarning
-from . import UnsupportedVersionError, check_version
+from . import check_version
 
 TRL_RANGE = "trl>=1.0,<2"
 

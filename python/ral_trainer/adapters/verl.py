@@ -46,7 +46,7 @@ import ral_kernels
 from ..models import decoder_layers
 from ..patch import LayerCapture, OldPolicy, PatchError, patch_model
 from ..trainer import ZeroAttentionTermWarning
-from . import UnsupportedVersionError, check_version
+from . import check_version
 
 VERL_RANGE = "verl>=0.9,<0.10"
 
