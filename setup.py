@@ -1,7 +1,7 @@
 """Build hook for the optional CUDA extension ``ral_kernels._C`` (metadata: pyproject.toml).
 
 The package works without the extension (``backend="cuda"`` then builds it just in time,
-see ral_kernels/_cuda_build.py), so this builds it only where it can: RAL_SKIP_CUDA_BUILD
+see ral_kernels/backends/cuda/build.py), so this builds it only where it can: RAL_SKIP_CUDA_BUILD
 unset, torch importable and a CUDA build, nvcc found. pip's default build isolation hides
 torch, so ``pip install -e .`` skips it; ``pip install --no-deps --no-build-isolation -e .``
 builds it. RAL_CUDA_ARCHS picks the GPU archs (default "80;90").
@@ -16,7 +16,7 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 # By path: importing the ral_kernels package would import torch.
-_spec = importlib.util.spec_from_file_location("_ral_cuda_build", ROOT / "ral_kernels" / "_cuda_build.py")
+_spec = importlib.util.spec_from_file_location("_ral_cuda_build", ROOT / "ral_kernels" / "backends" / "cuda" / "build.py")
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 

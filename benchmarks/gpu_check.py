@@ -2,7 +2,7 @@
 
     bash benchmarks/gpu_check.sh            # on the GPU: install, CUDA tests, benchmark
     python benchmarks/gpu_check.py --dry-run  # here: the same code path, tiny shapes, CPU
-    python -m ral_kernels._compile_check 80 90  # here: every kernel compiled for sm_80 / sm_90
+    python -m ral_kernels.tools.compile_check 80 90  # here: every kernel compiled for sm_80 / sm_90
 
 Steps: record the environment (and how long ``gpu_check.sh`` took to build the CUDA
 extension); run the test suite on CUDA (every backend against the reference, bfloat16
@@ -164,7 +164,7 @@ def cuda_extension_status() -> str:
     gpu_check.sh recorded), built just in time, or why it cannot run."""
     import importlib.util
 
-    from ral_kernels import _cuda_build
+    from ral_kernels.backends.cuda import build as _cuda_build
 
     if importlib.util.find_spec("ral_kernels._C") is not None:
         return f"prebuilt ral_kernels._C ({os.environ.get('RAL_BUILD_SECONDS', '?')} s to build with pip)"

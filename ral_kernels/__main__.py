@@ -1,5 +1,5 @@
-"""``python -m ral_kernels``: the demo of :mod:`ral_kernels.demo`."""
+"""``python -m ral_kernels``: the demo of :mod:`ral_kernels.tools.demo`."""
 
-from .demo import main
+from .tools.demo import main
 
 main()

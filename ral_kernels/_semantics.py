@@ -1,6 +1,6 @@
 """Semantics shared by every backend: names, masks and the divergence's pointwise terms.
 
-Implementations (``reference.py``, ``torch_backend.py``, the Triton and CUDA kernels)
+Implementations (``reference.py``, ``backends/torch.py``, the Triton and CUDA kernels)
 never import each other; whatever they must agree on lives here.
 
 Notation (SPEC section 2): for query row ``i`` and key ``j``

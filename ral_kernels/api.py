@@ -2,58 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
-from . import ops, torch_backend
+from . import backends, ops
 from ._semantics import BACKENDS, DIVERGENCES, HEAD_REDUCTIONS
+from .backends import torch as torch_backend
+from .errors import BackendUnavailableError
 from .reference import fused_attn_kl_reference
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why."""
-
-
 # --------------------------------------------------------------------------- backends
-
-def _unavailable_reason(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-                        head_dim: int = 0) -> Optional[str]:
-    """``None`` if ``backend`` can run on ``device`` (for inputs of ``dtype`` and largest
-    head dim ``head_dim``), else a sentence saying why not."""
-    if backend in ("torch", "reference"):
-        return None
-    if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "the `triton` package is not installed (pip install triton)"
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            return (f"Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 before "
-                    "importing triton to interpret them on the CPU)")
-        if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"the Triton kernels take float16, bfloat16 or float32 inputs, got {dtype}"
-        if head_dim > 256:
-            return f"the Triton kernels take head dims up to 256, got {head_dim}"
-        return None
-    if backend == "cuda":
-        from . import _cuda_build, cuda_backend
-
-        if device.type != "cuda" and not cuda_backend.emulation_enabled():
-            return (f"the CUDA kernels need CUDA tensors (got {device.type}; set RAL_CUDA_EMULATION=1 to run "
-                    "them in the CPU emulator)")
-        if dtype is not None and dtype not in cuda_backend.SUPPORTED_DTYPES:
-            return f"the CUDA kernels take float16 or bfloat16 inputs, got {dtype}"
-        if head_dim > cuda_backend.MAX_HEAD_DIM:
-            return f"the CUDA kernels take head dims up to {cuda_backend.MAX_HEAD_DIM}, got {head_dim}"
-        if device.type != "cuda":
-            return _cuda_build.emulator_unavailable_reason()
-        return _cuda_build.unavailable_reason()
-    return f"unknown backend {backend!r}"
-
 
 def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu",
                     dtype: Optional[torch.dtype] = None, head_dim: int = 0) -> str:
@@ -68,11 +31,11 @@ def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu",
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
     if backend == "auto":
-        for name in ("triton", "cuda"):
-            if device.type == "cuda" and _unavailable_reason(name, device, dtype, head_dim) is None:
+        for name in backends.AUTO_ORDER:
+            if device.type == "cuda" and backends.unavailable_reason(name, device, dtype, head_dim) is None:
                 return name
         return "torch"
-    why = _unavailable_reason(backend, device, dtype, head_dim)
+    why = backends.unavailable_reason(backend, device, dtype, head_dim)
     if why is not None:
         raise BackendUnavailableError(f"backend={backend!r} cannot run: {why}")
     return backend
@@ -81,7 +44,7 @@ def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu",
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device``, best first (the order ``"auto"`` uses)."""
     device = torch.device(device)
-    return [b for b in ("triton", "cuda", "torch", "reference") if _unavailable_reason(b, device) is None]
+    return [b for b in backends.NAMES if backends.unavailable_reason(b, device) is None]
 
 
 # --------------------------------------------------------------------------- validation

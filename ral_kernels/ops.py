@@ -2,7 +2,7 @@
 
 ``ral_kernels::fused_attn_kl_fwd`` returns the outputs and the per-row statistics that
 backward needs; ``ral_kernels::fused_attn_kl_bwd`` returns ``dq, dk, dv``. Both dispatch on
-the (already resolved) ``backend`` string to a module exposing ``fwd`` and ``bwd``.
+the (already resolved) ``backend`` string to the registry's module (``fwd`` and ``bwd``).
 """
 
 from __future__ import annotations
@@ -11,23 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import torch_backend
-
-_IMPLS = {"torch": torch_backend}
-
-
-def _impl(name: str):
-    """The module (``fwd`` / ``bwd`` with :mod:`ral_kernels.torch_backend`'s signatures)
-    behind ``backend=name``; GPU backends are imported on first use."""
-    if name not in _IMPLS:
-        if name == "triton":
-            from . import triton_backend as module
-        elif name == "cuda":
-            from . import cuda_backend as module
-        else:
-            raise ValueError(f"no implementation registered for backend {name!r}")
-        _IMPLS[name] = module
-    return _IMPLS[name]
+from .backends import implementation as _impl
 
 
 @torch.library.custom_op("ral_kernels::fused_attn_kl_fwd", mutates_args=())

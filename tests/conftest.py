@@ -146,7 +146,7 @@ def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, name: str 
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Shrink the torch backend's tiles so odd sizes cross several tile boundaries."""
-    from ral_kernels import torch_backend
+    from ral_kernels.backends import torch as torch_backend
 
     monkeypatch.setattr(torch_backend, "BLOCK_Q", 16)
     monkeypatch.setattr(torch_backend, "BLOCK_K", 32)
@@ -155,7 +155,8 @@ def small_blocks(monkeypatch):
 @pytest.fixture
 def poison(monkeypatch):
     """Fill the backends' output buffers with NaN before the kernels write them."""
-    from ral_kernels import cuda_backend, torch_backend
+    from ral_kernels.backends import torch as torch_backend
+    from ral_kernels.backends.cuda import launch as cuda_backend
 
     def nan_alloc(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -163,7 +164,7 @@ def poison(monkeypatch):
     monkeypatch.setattr(torch_backend, "_alloc", nan_alloc)
     monkeypatch.setattr(cuda_backend, "_alloc", nan_alloc)
     if HAS_TRITON:
-        from ral_kernels import triton_backend
+        from ral_kernels.backends.triton import launch as triton_backend
 
         monkeypatch.setattr(triton_backend, "_alloc", nan_alloc)
 

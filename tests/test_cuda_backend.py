@@ -16,11 +16,11 @@ import torch
 from conftest import (DEVICE, ON_GPU, Case, assert_close, assert_within_plain_error, largest_new_tensor,
                       make_inputs, op_kwargs, run_op)
 from ral_kernels import BackendUnavailableError, fused_attn_kl, fused_attn_kl_varlen, make_old_policy_cache
-from ral_kernels.api import _unavailable_reason
+from ral_kernels.backends import unavailable_reason
 from test_fused_attn_kl import CASES, to64, with_lse_old
 from test_varlen import LENS, cu, packed
 
-WHY_NOT = _unavailable_reason("cuda", torch.device(DEVICE))
+WHY_NOT = unavailable_reason("cuda", torch.device(DEVICE))
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"backend='cuda' cannot run here: {WHY_NOT}")
 
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
@@ -150,7 +150,7 @@ def test_auto_never_picks_cuda_on_cpu():
 def test_extension_validates_its_inputs():
     """The bindings (same file in the CUDA and emulation builds) reject bad tensors with a
     message naming the argument, instead of reading out of bounds."""
-    from ral_kernels import _cuda_build
+    from ral_kernels.backends.cuda import build as _cuda_build
 
     ext = _cuda_build.load_emulator()
     q = torch.randn(1, 2, 8, 64, dtype=torch.float16)

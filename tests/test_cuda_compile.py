@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ral_kernels import _cuda_build
-from ral_kernels._cuda_compile_check import compile_all, find_nvcc, kernel_files, parse_ptxas, problems, table
+from ral_kernels.backends.cuda import build as _cuda_build
+from ral_kernels.tools.cuda_compile_check import compile_all, find_nvcc, kernel_files, parse_ptxas, problems, table
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("80", "90")

@@ -10,7 +10,7 @@ import torch
 from conftest import (DEVICE, ON_GPU, Case, assert_close, assert_within_plain_error, backends_under_test,
                       largest_new_tensor, make_inputs, op_kwargs, oracle_dtype, run_op)
 from ral_kernels import fused_attn_kl, make_old_policy_cache
-from ral_kernels.torch_backend import lse_rows
+from ral_kernels.backends.torch import lse_rows
 
 BACKENDS = backends_under_test()
 

@@ -10,7 +10,7 @@ pytest.importorskip("triton", reason="the Triton backend is optional: triton is 
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90():
-    from ral_kernels._compile_check import compile_for_target
+    from ral_kernels.tools.compile_check import compile_for_target
 
     # Fresh processes (one per target, in parallel): the kernels must be compiled by
     # triton's compiler, not wrapped by the interpreter this test session runs under.

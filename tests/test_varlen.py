@@ -68,7 +68,7 @@ def test_varlen_lse_old_matches_without():
     lens = LENS
     x = packed(lens)
     cq, co = cu([l[0] for l in lens]), cu([l[2] for l in lens])
-    from ral_kernels.torch_backend import lse_rows
+    from ral_kernels.backends.torch import lse_rows
 
     lse = []
     for s, (lq, lk, lo) in enumerate(lens):

@@ -11,7 +11,7 @@ full steps timing the forward, the backward that follows it and the whole step i
 same iterations: at least ``repeats`` of them, more for short calls (until 0.3 s of timed
 steps); median and 20/80 percentiles of each.
 
-Memory: one forward + backward read in two phases (``_measure.peak_memory_split_mb``):
+Memory: one forward + backward read in two phases (``tools.measure.peak_memory_split_mb``):
 forward = peak above the start; backward = peak above what was allocated when it started
 (the recorded forward excluded); full = peak of both above the start. CUDA:
 ``max_memory_allocated``. CPU: peak resident-set growth, read in a separate worker process
@@ -54,7 +54,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .._measure import (available_memory_mb, bench_ms, is_out_of_memory, peak_memory_split_mb,
+from ..tools.measure import (available_memory_mb, bench_ms, is_out_of_memory, peak_memory_split_mb,
                         pin_cpu_allocator, time_split_ms)
 from .config import MODES, Shape
 from .providers import PROVIDERS, Problem, dense_bytes, get_provider

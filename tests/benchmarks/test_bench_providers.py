@@ -129,7 +129,7 @@ def test_measure_records_skip_oom_and_numbers(monkeypatch):
 
 def test_measure_helpers():
     """The timing and memory helpers the harness shares (no timing thresholds)."""
-    from ral_kernels._measure import bench_ms, peak_memory_split_mb, time_split_ms
+    from ral_kernels.tools.measure import bench_ms, peak_memory_split_mb, time_split_ms
 
     calls = []
     med, p20, p80 = bench_ms(lambda: calls.append("fn"), "cpu", warmup=1, repeats=3,

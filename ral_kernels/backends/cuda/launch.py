@@ -1,8 +1,8 @@
 """CUDA C++ backend: launchers for the kernels in ``csrc/`` (extension ``ral_kernels._C``).
 
-``fwd`` / ``bwd`` have the signatures of :mod:`ral_kernels.torch_backend` and return the
+``fwd`` / ``bwd`` have the signatures of :mod:`ral_kernels.backends.torch` and return the
 same statistics. The passes are those of the Triton backend (see ``csrc/ral_cuda.h``); the
-per-row glue is :mod:`ral_kernels._kernel_glue`.
+per-row glue is :mod:`ral_kernels.backends.glue`.
 
 The kernels take fp16 / bf16 tensors with one padded head dim of 64 or 128, so q, k, v,
 q_old and k_old are zero-padded here to the smallest of those that holds all of D, Dv and
@@ -20,8 +20,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import _kernel_glue as glue
-from ._semantics import DIVERGENCES
+from .. import glue
+from ..._semantics import DIVERGENCES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
@@ -37,7 +37,7 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 
 
 def _ext(device: torch.device):
-    from . import _cuda_build
+    from . import build as _cuda_build
 
     if device.type == "cuda":
         return _cuda_build.load_extension()

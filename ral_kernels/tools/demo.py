@@ -12,8 +12,8 @@ import argparse
 
 import torch
 
-from . import fused_attn_kl, make_old_policy_cache, ral_loss, resolve_backend
-from ._measure import in_fresh_process, peak_memory_mb, pin_cpu_allocator, time_ms
+from .. import fused_attn_kl, make_old_policy_cache, ral_loss, resolve_backend
+from .measure import in_fresh_process, peak_memory_mb, pin_cpu_allocator, time_ms
 
 
 def _problem(args, device):

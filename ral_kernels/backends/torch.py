@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ._semantics import allowed_mask, divergence_terms, self_mask, support_mass_from_lse
+from .._semantics import allowed_mask, divergence_terms, self_mask, support_mass_from_lse
 
 BLOCK_Q = 512
 BLOCK_K = 512

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._semantics import support_mass_from_lse
+from .._semantics import support_mass_from_lse
 
 
 def check_supported(backend: str, q, d_old: int, dv: int, dtypes, max_head_dim: int) -> None:

@@ -1,7 +1,7 @@
 """Compile every ``csrc/*.cu`` with plain nvcc for real GPU targets, without a GPU, and
 fail on compile errors and register spills.
 
-``python -m ral_kernels._cuda_compile_check 80 90`` prints registers, static shared memory
+``python -m ral_kernels.tools.cuda_compile_check 80 90`` prints registers, static shared memory
 and spills per kernel and arch (from ptxas ``-v``) and exits non-zero when a file does not
 compile or a function spills: spills to local memory are a silent slowdown that only shows
 up in ptxas' report.
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from ._cuda_build import CSRC, NVCC_FLAGS, default_max_jobs, parse_archs
+from ..backends.cuda.build import CSRC, NVCC_FLAGS, default_max_jobs, parse_archs
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _PROPS = re.compile(r"Function properties for (\S+)")

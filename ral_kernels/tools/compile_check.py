@@ -1,6 +1,6 @@
 """Compile every Triton kernel configuration for real GPU targets, without a GPU.
 
-``python -m ral_kernels._compile_check 80 90`` prints one line per configuration and exits
+``python -m ral_kernels.tools.compile_check 80 90`` prints one line per configuration and exits
 non-zero when one does not compile or needs more shared memory than the target offers.
 Run it in a process where ``TRITON_INTERPRET`` is unset: this module clears it before it
 imports the kernels, which must not have been imported yet.
@@ -22,7 +22,7 @@ def compile_for_target(cc: int) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .triton_backend import kernel_specs
+    from ..backends.triton.launch import kernel_specs
 
     records = []
     for label, fn, sig, const, options in kernel_specs():

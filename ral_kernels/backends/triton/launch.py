@@ -1,6 +1,6 @@
-"""Triton backend: launchers for the kernels of :mod:`ral_kernels._triton_kernels`.
+"""Triton backend: launchers for the kernels of :mod:`ral_kernels.backends.triton.kernels`.
 
-``fwd`` / ``bwd`` have the signatures of :mod:`ral_kernels.torch_backend` and return the
+``fwd`` / ``bwd`` have the signatures of :mod:`ral_kernels.backends.torch` and return the
 same statistics, so :mod:`ral_kernels.ops` dispatches to either. The per-row glue between
 kernels (group means of support masses, ``c_h``, the effective ``delta``) is ``O(T)`` work
 done here in PyTorch.
@@ -15,9 +15,9 @@ import os
 import torch
 import triton
 
-from . import _triton_kernels as kern
-from . import _kernel_glue as glue
-from ._semantics import DIVERGENCES
+from .. import glue
+from ..._semantics import DIVERGENCES
+from . import kernels as kern
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256

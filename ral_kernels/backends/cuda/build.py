@@ -1,7 +1,7 @@
 """Build the CUDA extension: prebuilt ``ral_kernels._C``, a just-in-time build, or a CPU emulator.
 
 One place for the flags, so that ``setup.py``, the JIT loader and the compile check
-(:mod:`ral_kernels._cuda_compile_check`) compile the same way. ``setup.py`` loads this file
+(:mod:`ral_kernels.tools.cuda_compile_check`) compile the same way. ``setup.py`` loads this file
 by path, before torch may be importable, so nothing here imports torch at module level.
 """
 
@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[3] / "csrc"
 KERNEL_NAMES = ("attn_fwd.cu", "attn_bwd.cu", "div.cu")
 KERNEL_SOURCES = tuple(CSRC / n for n in KERNEL_NAMES)
 BINDINGS = CSRC / "bindings.cpp"
@@ -150,7 +150,7 @@ def _extensions_root() -> Path:
 
 
 def _unavailable(msg: str) -> Exception:
-    from .api import BackendUnavailableError  # lazy: api imports the backends
+    from ral_kernels.errors import BackendUnavailableError  # by name: setup.py loads this file by path
     return BackendUnavailableError(msg)
 
 
