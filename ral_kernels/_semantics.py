@@ -10,12 +10,13 @@ Notation (SPEC section 2): for query row ``i`` and key ``j``
 * ``p`` (current) and ``r`` (old) are head-averaged (or per-head) attention rows
   renormalized on ``S(i)``.
 
-Logarithms use ``p`` clamped to the smallest normal number of the statistics dtype, so a
-probability that underflowed to zero gives a large finite KL instead of ``inf`` and never a
-NaN; JSD is bounded either way. ``0 * log 0 = 0`` holds exactly.
+Log-probabilities are formed in log space (SPEC "Numerics"): per head ``log alpha = s - lse``,
+head means by ``logsumexp`` over heads, never ``log(max(p, tiny))``; ``0 * log 0 = 0``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -54,54 +55,30 @@ def self_mask(i0: int, i1: int, j0: int, j1: int, tq: int, tk: int, device: torc
     return (cols == rows + (tk - tq))[None, None]
 
 
-def self_scores(qo: torch.Tensor, k_old: torch.Tensor, i0: int, tq: int, tk: int, key_mask, cdt):
-    """Old score of each row's own position, -inf where that key is absent or masked.
-    ``qo`` [B, Ho, C, D] holds rows ``i0..``, already scaled."""
-    b, ho, c, _ = qo.shape
-    hko = k_old.shape[1]
-    pos = torch.arange(i0, i0 + c, device=qo.device) + (tk - tq)
-    ok = (pos >= 0) & (pos < tk)
-    kself = k_old[:, :, pos.clamp(0, tk - 1)].to(cdt).repeat_interleave(ho // hko, dim=1)
-    s = (qo * kself).sum(-1)
-    keep = ok[None, None].expand(b, 1, c)
-    if key_mask is not None:
-        keep = keep & key_mask[:, None, pos.clamp(0, tk - 1)]
-    return s.masked_fill(~keep, float("-inf"))
+def log_policy_terms(lp: torch.Tensor, lr: torch.Tensor, divergence: str):
+    """Pointwise terms ``t_j`` (the divergence is ``sum_j t_j``) and ``p_j g_j`` with
+    ``g_j = dD/dp_j``, from the log-policies ``lp = log p``, ``lr = log r``.
 
-
-
-def support_mass_from_lse(lse, q_scaled, k, first_row: int, tq: int, tk: int, key_mask, exclude_self: bool):
-    """Support mass ``sum_S exp(s - lse)`` of rows ``first_row..`` given their log-sum-exp
-    over allowed keys (``+inf`` for none): 1 (or 0) minus the self term when excluded."""
-    mass = torch.isfinite(lse).to(lse.dtype)
-    if exclude_self:
-        s_self = self_scores(q_scaled, k, first_row, tq, tk, key_mask, lse.dtype)
-        mass = (mass - torch.exp(s_self - lse)).clamp_min(0.0)
-    return mass
-
-
-def divergence_terms(p: torch.Tensor, r: torch.Tensor, divergence: str):
-    """Pointwise terms ``t_j`` (the divergence is ``sum_j t_j``) and ``g_j = dD/dp_j``.
-
-    ``p`` and ``r`` must be zero outside the support; both outputs are zero there.
+    Off the support (and on rows without a divergence) both logs are ``-inf`` and both
+    outputs are 0. Formed in log space, so they are exact where ``p`` or ``r`` underflows
+    (``KL`` of an underflowed ``p`` is large, not clamped), and need no ``log`` of a
+    probability. ``p g`` for ``kl`` is ``-r`` (``g = -r / p``), never a division by ``p``.
     """
-    tiny = torch.finfo(p.dtype).tiny
-    on = (p > 0) | (r > 0)
-    log_p = torch.log(p.clamp_min(tiny))
+    on = ~(torch.isneginf(lp) & torch.isneginf(lr))  # NaN inputs stay "on" and propagate
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    lp = torch.where(on, lp, zero)
+    lr = torch.where(on, lr, zero)
+    p, r = torch.exp(lp), torch.exp(lr)
     if divergence == "jsd":
-        log_m = torch.log(((p + r) * 0.5).clamp_min(tiny))
-        log_r = torch.log(r.clamp_min(tiny))
-        t = 0.5 * (p * (log_p - log_m) + r * (log_r - log_m))
-        g = 0.5 * (log_p - log_m)
+        lm = torch.logaddexp(lp, lr) - math.log(2.0)
+        t = 0.5 * (p * (lp - lm) + r * (lr - lm))
+        pg = 0.5 * p * (lp - lm)
     elif divergence == "kl":  # KL(old || new)
-        log_r = torch.log(r.clamp_min(tiny))
-        t = r * (log_r - log_p)
-        g = -r / p.clamp_min(tiny)
+        t = r * (lr - lp)
+        pg = -r
     elif divergence == "reverse_kl":  # KL(new || old)
-        log_r = torch.log(r.clamp_min(tiny))
-        t = p * (log_p - log_r)
-        g = log_p - log_r + 1.0
+        t = p * (lp - lr)
+        pg = p * (lp - lr + 1.0)
     else:  # validated by the API; kept for direct callers
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    zero = torch.zeros((), dtype=p.dtype, device=p.device)
-    return torch.where(on, t, zero), torch.where(on, g, zero)
+    return torch.where(on, t, zero), torch.where(on, pg, zero)

@@ -41,6 +41,11 @@ def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu",
     return backend
 
 
+# Under torch.compile the choice is made once, at trace time: availability checks look at
+# the file system and the environment, which a traced graph must not do.
+_resolve_constant = torch.compiler.assume_constant_result(resolve_backend)
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device``, best first (the order ``"auto"`` uses)."""
     device = torch.device(device)
@@ -107,13 +112,20 @@ def _validate(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, divergence, 
             raise ValueError(f"{name} has batch size {x.shape[0]} but q has {b}")
     if tq == 0 or tk == 0:
         raise ValueError(f"sequence lengths must be positive, got Tq={tq} (q) and Tk={tk} (k)")
+    for name, x, what in (("q", q, "query heads Hq"), ("k", k, "key/value heads Hk"), ("q_old", q_old, "old heads Ho"),
+                          ("k_old", k_old, "old key heads Hko")):
+        if x.shape[1] == 0:
+            raise ValueError(f"{name} has no heads: the number of {what} must be positive, got shape {tuple(x.shape)}")
+    for name, x in (("q", q), ("v", v), ("q_old", q_old)):
+        if x.shape[3] == 0:
+            raise ValueError(f"{name} has head dim 0: head dims must be positive, got shape {tuple(x.shape)}")
     if k.shape[3] != d:
         raise ValueError(f"k has head dim {k.shape[3]} but q has {d}")
     if v.shape[1] != hk or v.shape[2] != tk:
         raise ValueError(f"v must be [B, Hk={hk}, Tk={tk}, Dv] like k, got {tuple(v.shape)}")
     if hq % hk != 0:
         raise ValueError(f"the number of query heads Hq={hq} must be a multiple of the KV heads Hk={hk}")
-    if hko == 0 or ho % hko != 0:
+    if ho % hko != 0:
         raise ValueError(f"q_old heads Ho={ho} must be a multiple of k_old heads Hko={hko}")
     if k_old.shape[3] != d_old:
         raise ValueError(f"k_old has head dim {k_old.shape[3]} but q_old has {d_old}")
@@ -132,11 +144,21 @@ def _validate(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, divergence, 
             raise ValueError(f"lse_old must have shape {(b, ho, n_old)} (one per old head and cached row), got {tuple(lse_old.shape)}")
         if lse_old.device != q.device:
             raise ValueError(f"lse_old is on {lse_old.device} but q is on {q.device}")
-    if (query_mask is not None and n_old < tq and not torch.compiler.is_compiling()
-            and bool(query_mask[:, : tq - n_old].any())):
-        raise ValueError(
-            f"query_mask marks rows before the cached old rows: q_old holds the last {n_old} of {tq} "
-            "rows, so only those can carry a divergence")
+    if query_mask is not None and n_old < tq:
+        check_no_rows(query_mask[:, : tq - n_old],
+                      f"query_mask marks rows before the cached old rows: q_old holds the last {n_old} of {tq} "
+                      "rows, so only those can carry a divergence")
+
+
+def check_no_rows(marked: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` if any element of the bool tensor ``marked`` is set.
+
+    Under ``torch.compile`` the check stays in the graph as an asynchronous assert (a
+    data-dependent branch cannot be traced), so the same rule holds on every path."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(~marked.any(), message)
+    elif bool(marked.any()):
+        raise ValueError(message)
 
 
 # --------------------------------------------------------------------------- public op
@@ -157,6 +179,7 @@ def fused_attn_kl(
     query_mask: Optional[torch.Tensor] = None,
     key_mask: Optional[torch.Tensor] = None,
     lse_old: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and the per-token divergence between current and old attention.
@@ -190,6 +213,10 @@ def fused_attn_kl(
         lse_old: optional ``[B, Ho, R]`` natural-log log-sum-exp of the old scores
             (``old_sm_scale * q_old @ k_old^T`` over allowed keys; ``+inf`` for a row with
             no key), e.g. from :func:`make_old_policy_cache`. Saves one sweep.
+        deterministic: ``True`` keeps the GPU backward passes free of atomics, so repeated
+            calls give bit-identical gradients (FlashAttention's ``deterministic``); the
+            default lets them add ``dq`` / ``dk`` with atomics where that is faster. The
+            torch and reference backends are deterministic either way.
         backend: ``"auto" | "triton" | "cuda" | "torch" | "reference"``; see
             :func:`resolve_backend`.
 
@@ -212,17 +239,28 @@ def fused_attn_kl(
     sm_scale = _check_scale("sm_scale", sm_scale, 1.0 / math.sqrt(q.shape[-1]))
     old_sm_scale = _check_scale("old_sm_scale", old_sm_scale, 1.0 / math.sqrt(q_old.shape[-1]))
     causal, exclude_self = bool(causal), bool(exclude_self)
-    q_old, k_old = q_old.detach(), k_old.detach()
-    lse_old = None if lse_old is None else lse_old.detach()
-    name = resolve_backend(backend, q.device, q.dtype, max(q.shape[-1], v.shape[-1], q_old.shape[-1]))
+    q_old, k_old, lse_old = (None if x is None else _constant(x) for x in (q_old, k_old, lse_old))
+    name = _resolve_constant(backend, q.device, q.dtype, max(q.shape[-1], v.shape[-1], q_old.shape[-1]))
+    if q.shape[0] == 0:  # an empty batch, as SDPA allows: empty outputs, no kernel launched
+        div_shape = (0, q.shape[2]) if head_reduction == "mean" else (0, q.shape[1], q.shape[2])
+        sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        connect = (q.sum() + k.sum() + v.sum()) * 0  # keeps the (empty) outputs in the autograd graph
+        return q.new_zeros(0, q.shape[1], q.shape[2], v.shape[3]) + connect, q.new_zeros(div_shape, dtype=sdt)
     if name == "reference":
         return fused_attn_kl_reference(
             q, k, v, q_old, k_old, causal=causal, sm_scale=sm_scale, old_sm_scale=old_sm_scale,
             divergence=divergence, head_reduction=head_reduction, exclude_self=exclude_self,
             query_mask=query_mask, key_mask=key_mask, lse_old=lse_old)
     res = ops.fused_attn_kl_fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale,
-                                old_sm_scale, divergence, head_reduction, exclude_self, name)
+                                old_sm_scale, divergence, head_reduction, exclude_self, bool(deterministic), name)
     return res[0], res[1]
+
+
+def _constant(x: torch.Tensor) -> torch.Tensor:
+    """An input that gets no gradient: detached, and copied out of inference mode when it
+    was made under ``torch.inference_mode()`` (autograd cannot save such a tensor)."""
+    x = x.detach()
+    return x.clone() if x.is_inference() and not torch.is_inference_mode_enabled() else x
 
 
 # --------------------------------------------------------------------------- old-policy cache
@@ -259,7 +297,7 @@ def make_old_policy_cache(
         q_old: ``[B, Ho, Tq, Do]`` old queries of all rows (or already only the last rows).
         k_old: ``[B, Hko, Tk, Do]`` old keys.
         num_rows: keep the last ``num_rows`` query rows (the response); default all. The
-            kept rows are copied so the full ``q_old`` can be freed.
+            kept rows and the keys are copied, so the sources can be freed or updated in place.
         with_lse: also store the per-row log-sum-exp (computed chunk by chunk, memory
             ``O(chunk)``), so that ``fused_attn_kl`` skips the old policy's first sweep.
         causal, key_mask, old_sm_scale: as passed to :func:`fused_attn_kl` later.
@@ -275,8 +313,9 @@ def make_old_policy_cache(
                          "expected the same batch and head dim, and Ho a multiple of Hko")
     _check_mask("key_mask", key_mask, (q_old.shape[0], k_old.shape[2]), q_old.device)
     scale = _check_scale("old_sm_scale", old_sm_scale, 1.0 / math.sqrt(q_old.shape[-1]))
-    rows = q_old[:, :, tq - n:].contiguous()
-    k_keep = k_old.detach()
+    # Copies, so that the cache survives an in-place update (or the freeing) of its sources.
+    rows = q_old[:, :, tq - n:].clone(memory_format=torch.contiguous_format)
+    k_keep = k_old.detach().clone(memory_format=torch.contiguous_format)
     lse = None
     if with_lse:
         lse = torch_backend.lse_rows(rows, k_keep, tq - n, tq, bool(causal), key_mask, scale)

@@ -13,28 +13,51 @@ from typing import Optional
 
 import torch
 
-from .api import _check_mask, _check_tensor, fused_attn_kl
+from .api import _check_mask, _check_tensor, check_no_rows, fused_attn_kl
 
 
-def _lengths(name: str, cu, batch: Optional[int], total: int) -> list[int]:
+def _lengths(name: str, cu, batch: Optional[int], total: int, max_seqlen: Optional[int]):
+    """Per-sequence lengths (a tensor) and the padded width (``max_seqlen`` or the longest).
+
+    Eager calls check the offsets' values; under ``torch.compile`` they are data, so only
+    their type is checked and ``max_seqlen`` must be given (flash-attn's convention)."""
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be a 1-D int32/int64 tensor [B + 1] of offsets, got {cu!r:.80}")
+    if cu.shape[0] < 2:
+        raise ValueError(f"{name} must hold B + 1 >= 2 offsets, got {cu.shape[0]}")
+    if batch is not None and cu.shape[0] - 1 != batch:
+        raise ValueError(f"{name} describes {cu.shape[0] - 1} sequences but cu_seqlens_q describes {batch}")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
+        raise ValueError(f"max_seqlen for {name} must be a non-negative int or None, got {max_seqlen!r}")
+    lens = cu[1:] - cu[:-1]
+    if torch.compiler.is_compiling():
+        if max_seqlen is None:
+            raise ValueError(f"under torch.compile, pass the longest sequence of {name} as an int "
+                             "(max_seqlen_q / max_seqlen_k / max_seqlen_old): the padded width cannot come "
+                             "from the offsets' values inside a traced graph")
+        return lens, max_seqlen
     offs = cu.tolist()
-    if len(offs) < 2 or offs[0] != 0 or any(b < a for a, b in zip(offs, offs[1:])):
+    if offs[0] != 0 or any(b < a for a, b in zip(offs, offs[1:])):
         raise ValueError(f"{name} must start at 0 and be non-decreasing, got {offs[:8]}")
-    if batch is not None and len(offs) - 1 != batch:
-        raise ValueError(f"{name} describes {len(offs) - 1} sequences but cu_seqlens_q describes {batch}")
     if offs[-1] != total:
         raise ValueError(f"{name} ends at {offs[-1]} but the packed tensor has {total} rows")
-    return [b - a for a, b in zip(offs, offs[1:])]
+    longest = max(b - a for a, b in zip(offs, offs[1:]))
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"max_seqlen for {name} is {max_seqlen} but its longest sequence has {longest} rows")
+    return lens, (longest if max_seqlen is None else max_seqlen)
 
 
-def left_padded_index(lengths: list[int], width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, position) of every packed row in the left-padded ``[B, width]`` layout."""
-    lens = torch.tensor(lengths, device=device)
-    batch = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens)
+def left_padded_index(lengths, width: int, device, total: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, position) of every packed row in the left-padded ``[B, width]`` layout.
+
+    ``lengths``: per-sequence lengths (list or tensor); ``total``: their sum, if known (it
+    keeps the index traceable by ``torch.compile``)."""
+    lens = torch.as_tensor(lengths, device=device)
+    if total is None:
+        total = int(lens.sum())
+    batch = torch.repeat_interleave(torch.arange(lens.shape[0], device=device), lens, output_size=total)
     starts = torch.cumsum(lens, 0) - lens
-    pos = torch.arange(int(lens.sum()), device=device) - starts[batch] + (width - lens[batch])
+    pos = torch.arange(total, device=device) - starts[batch] + (width - lens[batch])
     return batch, pos
 
 
@@ -55,6 +78,9 @@ def fused_attn_kl_varlen(
     cu_seqlens_k: torch.Tensor,
     *,
     cu_seqlens_old: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    max_seqlen_old: Optional[int] = None,
     lse_old: Optional[torch.Tensor] = None,
     query_mask: Optional[torch.Tensor] = None,
     **kwargs,
@@ -67,6 +93,9 @@ def fused_attn_kl_varlen(
             ``cu_seqlens_old`` gives their offsets (default: ``cu_seqlens_q``, all rows).
         k_old: ``[total_k, Hko, Do]``.
         cu_seqlens_q, cu_seqlens_k: ``[B + 1]`` int32 offsets (flash-attn convention).
+        max_seqlen_q, max_seqlen_k, max_seqlen_old: the longest sequence of each, as ints
+            (flash-attn convention). Optional in eager mode (read from the offsets); required
+            under ``torch.compile``, where the offsets are data.
         lse_old: optional ``[Ho, total_old]`` log-sum-exp of the old rows (flash-attn's
             varlen ``softmax_lse`` layout).
         query_mask: optional ``[total_q]`` bool, rows that carry a divergence.
@@ -87,28 +116,42 @@ def fused_attn_kl_varlen(
         _check_tensor(name, x, 3, "[total, H, D]")
     if "key_mask" in kwargs:
         raise TypeError("fused_attn_kl_varlen takes no key_mask: packed sequences have no padding keys")
-    lq = _lengths("cu_seqlens_q", cu_seqlens_q, None, q.shape[0])
-    lk = _lengths("cu_seqlens_k", cu_seqlens_k, len(lq), k.shape[0])
-    lo = lq if cu_seqlens_old is None else _lengths("cu_seqlens_old", cu_seqlens_old, len(lq), q_old.shape[0])
-    if q_old.shape[0] != sum(lo):
-        raise ValueError(f"q_old has {q_old.shape[0]} rows but cu_seqlens_old (or cu_seqlens_q) describes {sum(lo)}")
-    if any(o > n for o, n in zip(lo, lq)):
-        raise ValueError(f"each sequence's old rows must be at most its query rows, got {lo} old vs {lq}")
+    lq, tq = _lengths("cu_seqlens_q", cu_seqlens_q, None, q.shape[0], max_seqlen_q)
+    b = lq.shape[0]
+    lk, tk = _lengths("cu_seqlens_k", cu_seqlens_k, b, k.shape[0], max_seqlen_k)
+    if cu_seqlens_old is None:
+        lo, n_old = lq, tq if max_seqlen_old is None else max_seqlen_old
+    else:
+        lo, n_old = _lengths("cu_seqlens_old", cu_seqlens_old, b, q_old.shape[0], max_seqlen_old)
+    if not torch.compiler.is_compiling():
+        if q_old.shape[0] != int(lo.sum()):
+            raise ValueError(f"q_old has {q_old.shape[0]} rows but cu_seqlens_old (or cu_seqlens_q) describes "
+                             f"{int(lo.sum())}")
+        if bool((lo > lq).any()):
+            raise ValueError(f"each sequence's old rows must be at most its query rows, got {lo.tolist()} old vs "
+                             f"{lq.tolist()}")
+    if n_old > tq:
+        raise ValueError(f"max_seqlen_old={n_old} exceeds max_seqlen_q={tq}: old rows are each sequence's last query rows")
     for name, x, rows in (("v", v, k.shape[0]), ("k_old", k_old, k.shape[0])):
         if x.shape[0] != rows:
             raise ValueError(f"{name} has {x.shape[0]} rows but k has {rows}")
     _check_mask("query_mask", query_mask, (q.shape[0],), q.device)
 
-    b, dev = len(lq), q.device
-    tq, tk, n_old = max(lq), max(lk), max(lo)
-    iq, ik, io = left_padded_index(lq, tq, dev), left_padded_index(lk, tk, dev), left_padded_index(lo, n_old, dev)
-    key_mask = torch.zeros(b, tk, dtype=torch.bool, device=dev).index_put(ik, torch.tensor(True, device=dev))
+    dev = q.device
+    true = torch.tensor(True, device=dev)
+    iq = left_padded_index(lq, tq, dev, q.shape[0])
+    ik = left_padded_index(lk, tk, dev, k.shape[0])
+    io = left_padded_index(lo, n_old, dev, q_old.shape[0])
+    key_mask = torch.zeros(b, tk, dtype=torch.bool, device=dev).index_put(ik, true)
     qmask = query_mask if query_mask is not None else torch.ones(q.shape[0], dtype=torch.bool, device=dev)
     qmask_pad = torch.zeros(b, tq, dtype=torch.bool, device=dev).index_put(iq, qmask)
-    # Rows before a sequence's cached old rows carry no divergence.
-    has_old = torch.zeros(b, n_old, dtype=torch.bool, device=dev).index_put(io, torch.tensor(True, device=dev))
-    qmask_pad[:, tq - n_old:] &= has_old
-    qmask_pad[:, : tq - n_old] = False
+    # The rows of each sequence that have cached old rows (its last lo rows).
+    has_old = torch.zeros(b, tq, dtype=torch.bool, device=dev)
+    has_old[:, tq - n_old:] = torch.zeros(b, n_old, dtype=torch.bool, device=dev).index_put(io, true)
+    if query_mask is not None:
+        check_no_rows(qmask_pad & ~has_old, "query_mask marks rows before a sequence's cached old rows: "
+                      "cu_seqlens_old gives each sequence's last rows, and only those can carry a divergence")
+    qmask_pad &= has_old
     lse_pad = None
     if lse_old is not None:
         if tuple(lse_old.shape) != (q_old.shape[1], q_old.shape[0]):

@@ -97,25 +97,3 @@ def test_cache_errors():
         make_old_policy_cache(x["q_old"], x["k_old"], 13)
     with pytest.raises(ValueError, match="does not match q_old"):
         make_old_policy_cache(x["q_old"], x["k_old"][..., :4], 3)
-
-
-@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compile_backend):
-    """The op is one opaque custom op: fullgraph compile, forward and backward, same numbers."""
-    torch._dynamo.reset()
-    x = make_inputs(Case(b=2, hq=4, hk=2, tq=40, tk=40, d=16, dv=16, key_mask=True, query_mask=True),
-                    torch.float32, seed=3)
-
-    def step(q, k, v):
-        out, div = fused_attn_kl(q, k, v, x["q_old"], x["k_old"], query_mask=x["query_mask"],
-                                 key_mask=x["key_mask"], exclude_self=True, backend="torch")
-        return (out.square().mean() + 3.0 * div.sum()).sin()
-
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True, backend=compile_backend)):
-        q, k, v = (x[n].clone().requires_grad_() for n in ("q", "k", "v"))
-        loss = fn(q, k, v)
-        loss.backward()
-        results.append((loss.detach(), q.grad, k.grad, v.grad))
-    for a, b in zip(*results):
-        assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -35,6 +35,8 @@ def test_varlen_equals_per_sequence_padded_form(backend, head_reduction, exclude
     x = packed(lens, ho=ho, hko=hko, dtype=dtype, device=DEVICE)
     cq, ck, co = (cu(l).to(DEVICE) for l in ([l[0] for l in lens], [l[1] for l in lens], [l[2] for l in lens]))
     qmask = (torch.rand(x["q"].shape[0], generator=torch.Generator().manual_seed(1)) < 0.8).to(DEVICE)
+    for s, (lq, _, lo) in enumerate(lens):  # only a sequence's cached (last) rows may carry a divergence
+        qmask[cq[s]: cq[s] + lq - lo] = False
     kw = dict(causal=causal, head_reduction=head_reduction, exclude_self=exclude_self, divergence="jsd",
               backend=backend)
     q, k, v = (x[n].clone().requires_grad_() for n in ("q", "k", "v"))
@@ -50,7 +52,6 @@ def test_varlen_equals_per_sequence_padded_form(backend, head_reduction, exclude
         qs, ks, vs = (t[sl].detach().clone().transpose(0, 1)[None].requires_grad_()
                       for t, sl in ((x["q"], sq), (x["k"], sk), (x["v"], sk)))
         mask = qmask[sq].clone()[None]
-        mask[:, : lq - lo] = False
         o1, d1 = fused_attn_kl(qs, ks, vs, x["q_old"][so].transpose(0, 1)[None], x["k_old"][sk].transpose(0, 1)[None],
                                query_mask=mask, **kw)
         d_up = gd[sq][None] if head_reduction == "mean" else gd[sq].t()[None]
@@ -94,3 +95,16 @@ def test_varlen_errors():
         fused_attn_kl_varlen(x["q"], x["k"], x["v"], x["q_old"], x["k_old"], c, c, key_mask=None)
     with pytest.raises(ValueError, match="q_old has"):
         fused_attn_kl_varlen(x["q"], x["k"], x["v"], x["q_old"], x["k_old"], c, c)
+
+
+def test_query_mask_before_cached_rows_raises():
+    """The padded form's rule holds for packed sequences too: a query_mask that marks a row
+    before a sequence's cached old rows is an error, not a silently dropped row."""
+    lens = [(6, 6, 2), (5, 5, 5)]
+    x = packed(lens, ho=4, hko=2)
+    cq, ck, co = (cu([l[i] for l in lens]) for i in range(3))
+    qmask = torch.zeros(11, dtype=torch.bool)
+    qmask[1] = True  # sequence 0's second row; its cached rows are rows 4 and 5
+    with pytest.raises(ValueError, match="before a sequence's cached old rows"):
+        fused_attn_kl_varlen(x["q"], x["k"], x["v"], x["q_old"], x["k_old"], cq, ck, cu_seqlens_old=co,
+                             query_mask=qmask, backend="torch")

@@ -1,32 +1,35 @@
-"""Memory-efficient PyTorch backend (CPU and CUDA).
+"""Memory-efficient PyTorch backend (CPU and CUDA): the pipeline's passes as tile loops.
 
 Quantity: per query row ``i`` the attention output ``out_i = sum_j alpha_ij v_j`` and the
 divergence ``D_i`` between the current policy ``p_i`` and the old policy ``r_i`` (head-mean
 or per-head attention rows renormalized on the support ``S(i)``; SPEC section 2).
 
-Passes, per query chunk of ``block_q`` rows, each a sweep over key chunks of ``block_k``:
+The passes (:mod:`ral_kernels.backends.pipeline`), each a loop over query chunks of
+``BLOCK_Q`` rows and key chunks of ``BLOCK_K`` keys:
 
-1. flash-style online softmax: output, per-head log-sum-exp ``lse`` and, for rows that carry
-   a divergence (the last ``R`` rows, whose old queries are cached), the support mass
-   ``B_h = sum_S alpha_h`` and the same two statistics of the old policy (skipped when the
-   caller hands over ``lse_old`` and the support is all allowed keys).
-2. divergence sweep, divergence rows only: with ``Z = mean_h B_h`` (or ``B_h``) known, the
-   divergence, ``E = sum_S p g`` and ``A_h = sum_S alpha_h g``; it stores
-   ``c_h = (A_h - E B_h) / Z``.
-
-Backward recomputes each tile's ``alpha`` (and, for divergence rows, ``beta``) from the
-stored statistics and adds ``w_i / n * alpha_hj * (G_j - c_h)`` with
-``G_j = (g_j - E) / Z`` to the usual ``alpha * (dP - delta)``.
+* ``attn_fwd`` / ``policy_stats``: flash-style online softmax. On divergence rows with
+  ``exclude_self`` the query's own key is held out of the sweep, so the sweep's
+  log-sum-exp is the support's own (``lse_S``, precise for any support mass); the self
+  term is merged in at the end for ``lse`` and the output.
+* ``div_fwd`` (divergence rows only): per tile ``pi_h = exp(s_h - off_h)``, the policies
+  ``p = sum_h pi_h`` and ``r`` with their logarithms formed in log space (``logsumexp``
+  over heads), the divergence terms, ``E`` and ``A_h``.
+* ``attn_bwd``: the flash backward with ``delta_eff``; ``div_bwd`` adds
+  ``w pi_h (g - E)`` on the support to dS of the divergence rows.
 
 Nothing of size ``Tq x Tk`` is ever held: the largest temporaries are
-``[B, Hq, block_q, block_k]`` tiles. Statistics are float32 (float64 for float64 inputs).
+``[B, H, BLOCK_Q, BLOCK_K]`` tiles. Statistics are float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
-from .._semantics import allowed_mask, divergence_terms, self_mask, support_mass_from_lse
+from .._semantics import allowed_mask, log_policy_terms, self_mask
+from . import pipeline
 
 BLOCK_Q = 512
 BLOCK_K = 512
@@ -55,258 +58,253 @@ def _scores(qc: torch.Tensor, k: torch.Tensor, j0: int, j1: int, cdt) -> torch.T
     return (qc.view(b, hk, (hq // hk) * c, d) @ kc.transpose(-1, -2)).view(b, hq, c, j1 - j0)
 
 
-def _support(allowed, diag):
-    if diag is None:
-        return allowed
-    return ~diag if allowed is None else allowed & ~diag
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, Hq, C, N] -> [B, Hkv, (Hq / Hkv) * C, N] (a view for the GQA matmuls)."""
+    b, h, c, n = x.shape
+    return x.reshape(b, kv_heads, (h // kv_heads) * c, n)
+
+
+def _and(a, b):
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def _not(mask):
+    return None if mask is None else ~mask
 
 
 def _masked(x: torch.Tensor, keep, fill: float) -> torch.Tensor:
     return x if keep is None else x.masked_fill(~keep, fill)
 
 
-def _rows(mask, start: int):
-    """Rows ``start:`` of a broadcastable mask (a mask with one row applies to all)."""
-    return mask if mask is None or mask.shape[2] == 1 else mask[:, :, start:]
+def _key_end(i1: int, tq: int, tk: int, causal: bool) -> int:
+    """Exclusive end of the keys any row ``< i1`` may see."""
+    return max(min(tk, i1 + tk - tq), 0) if causal else tk
 
 
-def _group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
-    b, h, c, n = x.shape
-    return x.view(b, groups, h // groups, c, n).mean(2)
+def _held_self(i0, i1, j0, j1, tq, tk, hold_from, device):
+    """The self positions of rows ``>= hold_from`` in a tile (held out of the sweep)."""
+    if i1 <= hold_from:
+        return None
+    diag = self_mask(max(i0, hold_from), i1, j0, j1, tq, tk, device)
+    if diag is None:
+        return None
+    if hold_from > i0:
+        diag = torch.cat([torch.zeros(1, 1, hold_from - i0, j1 - j0, dtype=torch.bool, device=device), diag], 2)
+    return diag
 
 
-class _Online:
-    """Running max / sum of exponentials over key chunks (and the support's share)."""
-
-    def __init__(self, shape, like: torch.Tensor, track_support: bool):
-        self.m = torch.full(shape, _NEG_INF, dtype=like.dtype, device=like.device)
-        self.l = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self.l_s = torch.zeros_like(self.l) if track_support else None
-
-    def update(self, s: torch.Tensor, diag) -> tuple[torch.Tensor, torch.Tensor]:
-        m_new = torch.maximum(self.m, s.amax(-1))
-        m_use = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        corr = torch.exp(self.m - m_use)
-        e = torch.exp(s - m_use[..., None])
-        self.l = self.l * corr + e.sum(-1)
-        if self.l_s is not None:
-            self.l_s = self.l_s * corr + _masked(e, None if diag is None else ~diag, 0.0).sum(-1)
-        self.m = m_new
-        return e, corr
-
-    def lse(self) -> torch.Tensor:
-        return torch.where(self.l > 0, self.m + torch.log(self.l), torch.full_like(self.l, float("inf")))
-
-    def support_mass(self) -> torch.Tensor:
-        if self.l_s is None:
-            return (self.l > 0).to(self.l.dtype)
-        return self.l_s / torch.where(self.l > 0, self.l, torch.ones_like(self.l))
+def _self_term(qc, k, v, i0, i1, tq, tk, key_mask, hold_from, cdt):
+    """Score (``-inf`` where absent) and value of each held row's own key: ``[B, H, C]`` and
+    ``[B, H, C, Dv]`` (``None`` without ``v``)."""
+    b, h, c, _ = qc.shape
+    hk = k.shape[1]
+    pos = torch.arange(i0, i1, device=qc.device) + (tk - tq)
+    keep = (pos >= 0) & (pos < tk) & (torch.arange(i0, i1, device=qc.device) >= hold_from)
+    idx = pos.clamp(0, tk - 1)
+    ks = k[:, :, idx].to(cdt).repeat_interleave(h // hk, dim=1)
+    s = (qc * ks).sum(-1)
+    keep = keep[None, None].expand(b, 1, c)
+    if key_mask is not None:
+        keep = keep & key_mask[:, None, idx]
+    vs = None if v is None else v[:, :, idx].to(cdt).repeat_interleave(h // hk, dim=1)
+    return s.masked_fill(~keep, _NEG_INF), vs
 
 
-def _policy_tile(alpha_s, beta_s, z, z_old, groups, divergence):
-    """Head-averaged (or per-head) rows on the support, their terms and ``g``."""
-    p = _group_mean(alpha_s, groups) / z[..., None]
-    r = _group_mean(beta_s, groups) / z_old[..., None]
-    return divergence_terms(p, r, divergence) + (p,)
+def _sweep(q, k, v, first_row: int, tq: int, key_mask, causal: bool, scale: float, hold_from: int):
+    """Online softmax of the rows ``first_row..`` of a ``tq``-row query.
 
-
-def _nonzero(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x > 0, x, torch.ones_like(x))
-
-
-def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale, old_sm_scale,
-        divergence, head_reduction, exclude_self, block_q=None, block_k=None):
-    """Returns ``out, div, lse, lse_old, z, z_old, e, c`` (see the module docstring).
-
-    ``z`` is zero on rows that carry no divergence (masked, before the cached old rows, or
-    with an empty support), which is how backward knows to skip them.
-    """
-    block_q, block_k = block_q or BLOCK_Q, block_k or BLOCK_K
-    b, hq, tq, _ = q.shape
-    tk, dv = k.shape[2], v.shape[3]
-    ho, n_old = q_old.shape[1], q_old.shape[2]
-    groups = 1 if head_reduction == "mean" else hq
+    Returns ``out`` (or None without ``v``), ``lse`` over the allowed keys (+inf for none)
+    and, for the rows ``>= hold_from``, ``lse_S`` over the allowed keys minus the row's own
+    (-inf for none). The own key is held out of the sweep and merged at the end, so ``lse_S``
+    keeps its precision when the own key carries almost all (or almost none) of the mass."""
+    b, h, n, _ = q.shape
+    tk = k.shape[2]
     cdt = _stat_dtype(q)
-    r0 = tq - n_old
     dev = q.device
-
-    out = _alloc((b, hq, tq, dv), q.dtype, dev)
-    lse = _alloc((b, hq, tq), cdt, dev)
-    given_lse_old = lse_old is not None
-    if given_lse_old:  # flash-attn convention: +inf marks a row with no key
-        lse_old = lse_old.to(cdt)
-        lse_old = torch.where(torch.isneginf(lse_old), torch.full_like(lse_old, float("inf")), lse_old)
-    else:
-        lse_old = _alloc((b, ho, n_old), cdt, dev)
-    z = torch.zeros(b, groups, n_old, dtype=cdt, device=dev)
-    z_old = torch.zeros_like(z)
-    e_stat = torch.zeros_like(z)
-    c_stat = torch.zeros(b, hq, n_old, dtype=cdt, device=dev)
-    div = torch.zeros(b, groups, tq, dtype=cdt, device=dev)
-
-    for i0 in range(0, tq, block_q):
-        i1 = min(i0 + block_q, tq)
-        j_end = min(tk, i1 + tk - tq) if causal else tk
-        d0 = max(i0, r0)
-        has_div = d0 < i1
-        qc = _chunk(q, i0, i1, sm_scale, cdt)
-        track_self = has_div and exclude_self
-        cur = _Online((b, hq, i1 - i0), qc, track_self)
-        qo = _chunk(q_old, d0 - r0, i1 - r0, old_sm_scale, cdt) if has_div else None
-        old = _Online((b, ho, i1 - d0), qc, exclude_self) if has_div and not given_lse_old else None
-        acc = torch.zeros(b, hq, i1 - i0, dv, dtype=cdt, device=dev)
-
-        # Pass 1: output, lse, support masses.
-        for j0 in range(0, max(j_end, 0), block_k):
-            j1 = min(j0 + block_k, j_end)
-            allowed = allowed_mask(i0, i1, j0, j1, tq, tk, causal, key_mask, dev)
-            s = _masked(_scores(qc, k, j0, j1, cdt), allowed, _NEG_INF)
-            e, corr = cur.update(s, self_mask(i0, i1, j0, j1, tq, tk, dev) if track_self else None)
-            acc = acc * corr[..., None] + (
-                e.view(b, k.shape[1], -1, j1 - j0) @ v[:, :, j0:j1].to(cdt)).view(b, hq, i1 - i0, dv)
-            if old is not None:
-                diag = self_mask(d0, i1, j0, j1, tq, tk, dev) if exclude_self else None
-                allowed_d = _rows(allowed, d0 - i0)
-                old.update(_masked(_scores(qo, k_old, j0, j1, cdt), allowed_d, _NEG_INF), diag)
-        out[:, :, i0:i1] = (acc / _nonzero(cur.l)[..., None]).to(q.dtype)
-        lse_c = cur.lse()
-        lse[:, :, i0:i1] = lse_c
-        if not has_div:
-            continue
-
-        # Support masses and renormalization constants of the divergence rows.
-        rows = slice(d0 - r0, i1 - r0)
-        mass = cur.support_mass()[:, :, d0 - i0:]
-        if old is not None:
-            lse_old[:, :, rows] = old.lse()
-            mass_old = old.support_mass()
-        else:
-            mass_old = support_mass_from_lse(lse_old[:, :, rows], qo, k_old, d0, tq, tk, key_mask, exclude_self)
-        zc = _group_mean(mass[..., None], groups)[..., 0]
-        zoc = _group_mean(mass_old[..., None], groups)[..., 0]
-        valid = (zc > 0) & (zoc > 0)
-        if query_mask is not None:
-            valid = valid & query_mask[:, None, d0:i1]
-        zc = torch.where(valid, zc, torch.zeros_like(zc))
-        zs, zos = _nonzero(zc), _nonzero(zoc)
-
-        # Pass 2: divergence, E and A_h over the support.
-        qd = qc[:, :, d0 - i0:].contiguous()
-        lse_d, lse_od = lse_c[:, :, d0 - i0:, None], lse_old[:, :, rows, None]
-        d_acc = torch.zeros_like(zc)
-        e_acc = torch.zeros_like(zc)
-        a_acc = torch.zeros(b, hq, i1 - d0, dtype=cdt, device=dev)
-        for j0 in range(0, max(j_end, 0), block_k):
-            j1 = min(j0 + block_k, j_end)
-            supp = _support(allowed_mask(d0, i1, j0, j1, tq, tk, causal, key_mask, dev),
-                            self_mask(d0, i1, j0, j1, tq, tk, dev) if exclude_self else None)
-            alpha = torch.exp(_masked(_scores(qd, k, j0, j1, cdt), supp, _NEG_INF) - lse_d)
-            beta = torch.exp(_masked(_scores(qo, k_old, j0, j1, cdt), supp, _NEG_INF) - lse_od)
-            t, g, p = _policy_tile(alpha, beta, zs, zos, groups, divergence)
-            d_acc += t.sum(-1)
-            e_acc += (p * g).sum(-1)
-            a_acc += (alpha.view(b, groups, hq // groups, i1 - d0, j1 - j0) * g[:, :, None]).sum(-1).view(
-                b, hq, i1 - d0)
-        rep = hq // groups
-        c_h = (a_acc - e_acc.repeat_interleave(rep, 1) * mass) / zs.repeat_interleave(rep, 1)
-        valid_h = valid.repeat_interleave(rep, 1)
-        z[:, :, rows] = zc
-        z_old[:, :, rows] = zoc
-        e_stat[:, :, rows] = torch.where(valid, e_acc, torch.zeros_like(e_acc))
-        c_stat[:, :, rows] = torch.where(valid_h, c_h, torch.zeros_like(c_h))
-        div[:, :, d0:i1] = torch.where(valid, d_acc, torch.zeros_like(d_acc))
-
-    div = div[:, 0] if head_reduction == "mean" else div
-    return out, div, lse, lse_old, z, z_old, e_stat, c_stat
+    last = first_row + n
+    held = max(0, last - max(hold_from, first_row))
+    out = _alloc((b, h, n, v.shape[3]), q.dtype, dev) if v is not None else None
+    lse = _alloc((b, h, n), cdt, dev)
+    lse_s = _alloc((b, h, held), cdt, dev) if hold_from < last else None
+    for c0 in range(0, n, BLOCK_Q):
+        c1 = min(c0 + BLOCK_Q, n)
+        i0, i1 = first_row + c0, first_row + c1
+        qc = _chunk(q, c0, c1, scale, cdt)
+        m = torch.full((b, h, c1 - c0), _NEG_INF, dtype=cdt, device=dev)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(b, h, c1 - c0, v.shape[3], dtype=cdt, device=dev) if v is not None else None
+        for j0 in range(0, _key_end(i1, tq, tk, causal), BLOCK_K):
+            j1 = min(j0 + BLOCK_K, _key_end(i1, tq, tk, causal))
+            keep = _and(allowed_mask(i0, i1, j0, j1, tq, tk, causal, key_mask, dev),
+                        _not(_held_self(i0, i1, j0, j1, tq, tk, hold_from, dev)))
+            s = _masked(_scores(qc, k, j0, j1, cdt), keep, _NEG_INF)
+            m_new = torch.maximum(m, s.amax(-1))
+            m_use = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+            corr = torch.exp(m - m_use)
+            e = torch.exp(s - m_use[..., None])
+            l = l * corr + e.sum(-1)
+            if acc is not None:
+                acc = acc * corr[..., None] + (_grouped(e, k.shape[1]) @ v[:, :, j0:j1].to(cdt)).view_as(acc)
+            m = m_new
+        lse_c = torch.where(l > 0, m + torch.log(l), torch.full_like(l, _NEG_INF))  # NaN stays NaN
+        o_c = None if acc is None else acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]
+        if i1 > hold_from:
+            s_self, v_self = _self_term(qc, k, v, i0, i1, tq, tk, key_mask, hold_from, cdt)
+            lse_full = torch.logaddexp(lse_c, s_self)
+            if o_c is not None:
+                keep_full = ~torch.isneginf(lse_full)
+                w_supp = torch.where(keep_full, torch.exp(lse_c - lse_full), torch.zeros_like(lse_c))
+                w_self = torch.where(keep_full, torch.exp(s_self - lse_full), torch.zeros_like(lse_c))
+                o_c = o_c * w_supp[..., None] + v_self * w_self[..., None]
+            lo = max(hold_from, i0) - i0
+            lse_s[:, :, i0 + lo - max(hold_from, first_row):i1 - max(hold_from, first_row)] = lse_c[:, :, lo:]
+            lse_c = lse_full
+        if out is not None:
+            out[:, :, c0:c1] = o_c.to(q.dtype)
+        lse[:, :, c0:c1] = torch.where(torch.isneginf(lse_c), torch.full_like(lse_c, math.inf), lse_c)
+    return out, lse, lse_s
 
 
-def bwd(dout, ddiv, q, k, v, q_old, k_old, out, lse, lse_old, z, z_old, e_stat, c_stat, key_mask,
-        causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self,
-        block_q=None, block_k=None):
-    """Gradients ``dq, dk, dv`` of ``<dout, out> + <ddiv, div>``, recomputed tile by tile."""
-    block_q, block_k = block_q or BLOCK_Q, block_k or BLOCK_K
-    b, hq, tq, _ = q.shape
-    hk, tk = k.shape[1], k.shape[2]
-    n_old = q_old.shape[2]
-    groups = z.shape[1]
-    rep = hq // groups
-    cdt = _stat_dtype(q)
-    r0 = tq - n_old
-    dev = q.device
-
-    dq = torch.zeros(q.shape, dtype=cdt, device=dev)
-    dk = torch.zeros(k.shape, dtype=cdt, device=dev)
-    dvv = torch.zeros(v.shape, dtype=cdt, device=dev)
-    dout = dout.to(cdt)
-    delta = (dout * out.to(cdt)).sum(-1)
-    if ddiv is not None:
-        w = ddiv.to(cdt)
-        w = (w[:, None] if w.dim() == 2 else w)[:, :, r0:] * (z > 0)  # [B, groups, R]
-        w = w / rep  # the 1/n of the head average
-    else:
-        w = None
-
-    for i0 in range(0, tq, block_q):
-        i1 = min(i0 + block_q, tq)
-        j_end = min(tk, i1 + tk - tq) if causal else tk
-        d0 = max(i0, r0)
-        has_div = w is not None and d0 < i1
-        ci = i1 - i0
-        qc = _chunk(q, i0, i1, sm_scale, cdt)
-        doc = dout[:, :, i0:i1].contiguous()
-        lse_c, delta_c = lse[:, :, i0:i1, None], delta[:, :, i0:i1, None]
-        dq_c = torch.zeros(b, hq, ci, q.shape[3], dtype=cdt, device=dev)
-        if has_div:
-            rows = slice(d0 - r0, i1 - r0)
-            qo = _chunk(q_old, d0 - r0, i1 - r0, old_sm_scale, cdt)
-            lse_od = lse_old[:, :, rows, None]
-            zs, zos = _nonzero(z[:, :, rows]), _nonzero(z_old[:, :, rows])
-            e_d, c_d, w_d = e_stat[:, :, rows], c_stat[:, :, rows], w[:, :, rows]
-        for j0 in range(0, max(j_end, 0), block_k):
-            j1 = min(j0 + block_k, j_end)
-            cj = j1 - j0
-            allowed = allowed_mask(i0, i1, j0, j1, tq, tk, causal, key_mask, dev)
-            s = _masked(_scores(qc, k, j0, j1, cdt), allowed, _NEG_INF)
-            alpha = torch.exp(s - lse_c)
-            vc, kc = v[:, :, j0:j1].to(cdt), k[:, :, j0:j1].to(cdt)
-            dp = (doc.view(b, hk, -1, doc.shape[-1]) @ vc.transpose(-1, -2)).view(b, hq, ci, cj)
-            ds = alpha * (dp - delta_c)
-            if has_div:
-                diag = self_mask(d0, i1, j0, j1, tq, tk, dev) if exclude_self else None
-                allowed_d = _rows(allowed, d0 - i0)
-                supp = _support(allowed_d, diag)
-                alpha_d = alpha[:, :, d0 - i0:]
-                beta = torch.exp(_masked(_scores(qo, k_old, j0, j1, cdt), supp, _NEG_INF) - lse_od)
-                _, g, _ = _policy_tile(_masked(alpha_d, supp, 0.0), beta, zs, zos, groups, divergence)
-                big_g = _masked((g - e_d[..., None]) / zs[..., None], supp, 0.0)
-                a5 = alpha_d.reshape(b, groups, rep, i1 - d0, cj)
-                ds_div = a5 * (big_g[:, :, None] - c_d.reshape(b, groups, rep, -1)[..., None]) * w_d[:, :, None, :, None]
-                ds[:, :, d0 - i0:] += ds_div.view(b, hq, i1 - d0, cj)
-            ds_g = ds.view(b, hk, -1, cj)
-            dq_c += (ds_g @ kc).view(b, hq, ci, -1)
-            dk[:, :, j0:j1] += ds_g.transpose(-1, -2) @ qc.view(b, hk, -1, qc.shape[-1])
-            dvv[:, :, j0:j1] += alpha.view(b, hk, -1, cj).transpose(-1, -2) @ doc.view(b, hk, -1, doc.shape[-1])
-        dq[:, :, i0:i1] = dq_c * sm_scale
-    return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)
-
-
-def lse_rows(q_rows, k, first_row, tq, causal, key_mask, sm_scale, block_q=None, block_k=None):
+def lse_rows(q_rows, k, first_row, tq, causal, key_mask, sm_scale):
     """Per-head log-sum-exp [B, H, R] of ``q_rows`` (rows ``first_row..first_row+R-1`` of a
     ``tq``-row query) against ``k``, over allowed keys; +inf for a row with no key."""
-    block_q, block_k = block_q or BLOCK_Q, block_k or BLOCK_K
-    b, h, n, _ = q_rows.shape
-    tk = k.shape[2]
-    cdt = _stat_dtype(q_rows)
-    lse = _alloc((b, h, n), cdt, q_rows.device)
-    for r0 in range(0, n, block_q):
-        r1 = min(r0 + block_q, n)
-        i0, i1 = first_row + r0, first_row + r1
-        qc = _chunk(q_rows, r0, r1, sm_scale, cdt)
-        acc = _Online((b, h, r1 - r0), qc, False)
-        j_end = min(tk, i1 + tk - tq) if causal else tk
-        for j0 in range(0, max(j_end, 0), block_k):
-            j1 = min(j0 + block_k, j_end)
-            allowed = allowed_mask(i0, i1, j0, j1, tq, tk, causal, key_mask, q_rows.device)
-            acc.update(_masked(_scores(qc, k, j0, j1, cdt), allowed, _NEG_INF), None)
-        lse[:, :, r0:r1] = acc.lse()
-    return lse
+    return _sweep(q_rows, k, None, first_row, tq, key_mask, causal, sm_scale, tq)[1]
+
+
+class _Tile:
+    """One tile of divergence rows ``[d0, d1)`` (cached rows ``d0 - r0..``) against keys
+    ``[j0, j1)``: the support, ``pi_h``, the policies in log space and their terms."""
+
+    def __init__(self, side_cur, side_old, d0, d1, j0, j1, tq, tk, key_mask, cfg, groups, cdt):
+        dev = side_cur[0].device
+        supp = allowed_mask(d0, d1, j0, j1, tq, tk, cfg.causal, key_mask, dev)
+        if cfg.exclude_self:
+            supp = _and(supp, _not(self_mask(d0, d1, j0, j1, tq, tk, dev)))
+        self.supp, self.groups = supp, groups
+        self.log_pi = self._log_head(*side_cur, j0, j1, cdt)
+        self.pi = torch.exp(self.log_pi)
+        self.lp = _group_log(self.log_pi, groups)
+        self.lr = _group_log(self._log_head(*side_old, j0, j1, cdt), groups)
+        self.t, self.pg = log_policy_terms(self.lp, self.lr, cfg.divergence)
+
+    def _log_head(self, qd, k, off, j0, j1, cdt):
+        """``log pi_h = s_h - off_h`` on the support, -inf elsewhere."""
+        return _masked(_scores(qd, k, j0, j1, cdt) - off[..., None], self.supp, _NEG_INF)
+
+    def head_pg(self) -> torch.Tensor:
+        """``pi_h g`` per head, as ``(pi_h / p) * (p g)``: exact where ``p`` underflows."""
+        b, h, c, n = self.log_pi.shape
+        if self.groups == h:
+            return self.pg
+        g = self.groups
+        ratio = torch.exp(self.log_pi.view(b, g, h // g, c, n) - self.lp[:, :, None])
+        ratio = torch.where(torch.isneginf(self.log_pi.view_as(ratio)), torch.zeros_like(ratio), ratio)
+        return (ratio * self.pg[:, :, None]).view(b, h, c, n)
+
+
+def _group_log(log_pi: torch.Tensor, groups: int) -> torch.Tensor:
+    """``log p = logsumexp`` over each group's heads of ``log pi_h`` (exact where p underflows)."""
+    b, h, c, n = log_pi.shape
+    if groups == h:
+        return log_pi
+    return torch.logsumexp(log_pi.view(b, groups, h // groups, c, n), dim=2)
+
+
+class TorchKernels(pipeline.Kernels):
+    """The pipeline's passes for any device torch runs on."""
+
+    # ------------------------------------------------------------------ forward passes
+    def attn_fwd(self, q, k, v, key_mask, cfg, r0, old=None):
+        hold = r0 if cfg.exclude_self else q.shape[2]
+        out, lse, lse_s = _sweep(q, k, v, 0, q.shape[2], key_mask, cfg.causal, cfg.sm_scale, hold)
+        return out, lse, lse_s, None
+
+    def policy_stats(self, q_rows, k, key_mask, cfg, first_row, tq, scale):
+        hold = first_row if cfg.exclude_self else tq
+        _, lse, lse_s = _sweep(q_rows, k, None, first_row, tq, key_mask, cfg.causal, scale, hold)
+        return lse, (lse if lse_s is None else lse_s)
+
+    def _div_tiles(self, q, k, off, q_old, k_old, off_old, key_mask, cfg, r0):
+        """Yield ``(d0, d1, rows, qd, j0, j1, tile)`` over the divergence rows' tiles."""
+        tq, tk = q.shape[2], k.shape[2]
+        cdt = _stat_dtype(q)
+        groups = cfg.groups(q.shape[1])
+        for d0 in range(r0, tq, BLOCK_Q):
+            d1 = min(d0 + BLOCK_Q, tq)
+            rows = slice(d0 - r0, d1 - r0)
+            qd = _chunk(q, d0, d1, cfg.sm_scale, cdt)
+            qo = _chunk(q_old, d0 - r0, d1 - r0, cfg.old_sm_scale, cdt)
+            side_cur = (qd, k, off[:, :, rows])
+            side_old = (qo, k_old, off_old[:, :, rows])
+            for j0 in range(0, _key_end(d1, tq, tk, cfg.causal), BLOCK_K):
+                j1 = min(j0 + BLOCK_K, _key_end(d1, tq, tk, cfg.causal))
+                tile = _Tile(side_cur, side_old, d0, d1, j0, j1, tq, tk, key_mask, cfg, groups, cdt)
+                yield d0, d1, rows, qd, j0, j1, tile
+
+    def div_fwd(self, q, k, off, q_old, k_old, off_old, key_mask, cfg, r0):
+        b, hq, tq, _ = q.shape
+        n_old = tq - r0
+        groups = cfg.groups(hq)
+        zeros = functools.partial(torch.zeros, dtype=_stat_dtype(q), device=q.device)
+        div, e_stat, r_mass = (zeros(b, groups, n_old) for _ in range(3))
+        for _, _, rows, _, _, _, tile in self._div_tiles(q, k, off, q_old, k_old, off_old, key_mask, cfg, r0):
+            div[:, :, rows] += tile.t.sum(-1)
+            e_stat[:, :, rows] += tile.pg.sum(-1)
+            r_mass[:, :, rows] += torch.exp(tile.lr).sum(-1)
+        return div, e_stat, r_mass
+
+    # ------------------------------------------------------------------ backward passes
+    def attn_bwd(self, q, k, v, dout, lse, delta, key_mask, cfg, r0, dq, dk, dvv, old=None):
+        b, hq, tq, d = q.shape
+        hk, tk = k.shape[1], k.shape[2]
+        cdt = _stat_dtype(q)
+        dev = q.device
+        dout = dout.to(cdt)
+        for i0 in range(0, tq, BLOCK_Q):
+            i1 = min(i0 + BLOCK_Q, tq)
+            ci = i1 - i0
+            qc = _chunk(q, i0, i1, cfg.sm_scale, cdt)
+            doc = dout[:, :, i0:i1].contiguous()
+            lse_c, delta_c = lse[:, :, i0:i1, None], delta[:, :, i0:i1, None]
+            dq_c = torch.zeros(b, hq, ci, d, dtype=cdt, device=dev)
+            for j0 in range(0, _key_end(i1, tq, tk, cfg.causal), BLOCK_K):
+                j1 = min(j0 + BLOCK_K, _key_end(i1, tq, tk, cfg.causal))
+                cj = j1 - j0
+                allowed = allowed_mask(i0, i1, j0, j1, tq, tk, cfg.causal, key_mask, dev)
+                alpha = torch.exp(_masked(_scores(qc, k, j0, j1, cdt), allowed, _NEG_INF) - lse_c)
+                vc, kc = v[:, :, j0:j1].to(cdt), k[:, :, j0:j1].to(cdt)
+                dp = (_grouped(doc, hk) @ vc.transpose(-1, -2)).view(b, hq, ci, cj)
+                ds = _grouped(alpha * (dp - delta_c), hk)
+                dq_c += (ds @ kc).view(b, hq, ci, d)
+                dk[:, :, j0:j1] += ds.transpose(-1, -2) @ _grouped(qc, hk)
+                dvv[:, :, j0:j1] += _grouped(alpha, hk).transpose(-1, -2) @ _grouped(doc, hk)
+            dq[:, :, i0:i1] += dq_c * cfg.sm_scale
+
+    def div_bwd(self, q, k, off, q_old, k_old, off_old, e_stat, w, key_mask, cfg, r0, dq, dk):
+        hq, hk = q.shape[1], k.shape[1]
+        groups = cfg.groups(hq)
+        n = hq // groups
+        a_stat = torch.zeros(off.shape, dtype=_stat_dtype(q), device=q.device)
+        for d0, d1, rows, qd, j0, j1, tile in self._div_tiles(q, k, off, q_old, k_old, off_old, key_mask, cfg, r0):
+            b_, _, c, _ = tile.pi.shape
+            e_h = e_stat[:, :, rows].repeat_interleave(n, 1)[..., None]
+            w_h = w[:, :, rows].repeat_interleave(n, 1)[..., None]
+            head_pg = tile.head_pg()
+            a_stat[:, :, rows] += head_pg.sum(-1)
+            ds = _grouped(w_h * (head_pg - tile.pi * e_h), hk)
+            dq[:, :, d0:d1] += (ds @ k[:, :, j0:j1].to(ds.dtype)).view(b_, hq, c, -1) * cfg.sm_scale
+            dk[:, :, j0:j1] += ds.transpose(-1, -2) @ _grouped(qd, hk)
+        return a_stat
+
+
+KERNELS = TorchKernels()
+
+
+def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, cfg):
+    return pipeline.forward(KERNELS, q, k, v, q_old, k_old, lse_old, query_mask, key_mask, cfg)
+
+
+def bwd(dout, ddiv, q, k, v, q_old, k_old, out, div, stats, key_mask, cfg):
+    return pipeline.backward(KERNELS, dout, ddiv, q, k, v, q_old, k_old, out, div, stats, key_mask, cfg)

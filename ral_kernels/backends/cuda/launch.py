@@ -15,13 +15,13 @@ CPU emulator (``csrc/emu``), which is how the tests check them without a GPU.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-from .. import glue
-from ..._semantics import DIVERGENCES
+from .. import glue, pipeline
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
@@ -67,65 +67,101 @@ def _kmask(key_mask):
     return None if key_mask is None else key_mask.contiguous()
 
 
-def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, causal, sm_scale, old_sm_scale,
-        divergence, head_reduction, exclude_self):
-    check_supported(q, q_old.shape[-1], v.shape[-1])
-    b, hq, tq, _ = q.shape
-    tk, dv = k.shape[2], v.shape[3]
-    ho, n_old = q_old.shape[1], q_old.shape[2]
-    groups = 1 if head_reduction == "mean" else hq
-    r0 = tq - n_old
-    dev = q.device
-    ext = _ext(dev)
-    hd = padded_head_dim(q.shape[-1], q_old.shape[-1], dv)
-    qp, kp, vp, qop, kop = (_prep(x, hd) for x in (q, k, v, q_old, k_old))
-    km = _kmask(key_mask)
+class CudaKernels(pipeline.Kernels):
+    """The pipeline's passes on the CUDA C++ kernels (``csrc/``).
 
-    out = _alloc((b, hq, tq, hd), q.dtype, dev)
-    lse = _alloc((b, hq, tq), torch.float32, dev)
-    track_self = exclude_self and n_old > 0
-    mass = _alloc((b, hq, n_old), torch.float32, dev) if track_self else None
-    ext.attn_fwd(qp, kp, vp, out, lse, mass, km, tq, 0, r0, sm_scale, causal, track_self)
-    out = out if dv == hd else out[..., :dv].contiguous()  # the strides register_fake promises
+    The kernels take one padded head dim (64 or 128) for q, k, v, q_old and k_old, so
+    :meth:`prepare` pads them once per call. Their divergence passes form
+    ``abar = mean_h exp(s_h - lse_h)`` and ``p = abar / Z``; handing them
+    ``lse_h = off_h - log n`` and ``Z = 1`` makes that exactly ``p = sum_h pi_h`` of the
+    pipeline's offsets (and ``A_h`` comes out ``n`` times the pipeline's)."""
 
-    if n_old == 0:
-        return glue.without_divergence_rows(out, lse, groups, ho)
+    def prepare(self, q, k, v, q_old, k_old):
+        check_supported(q, q_old.shape[-1], v.shape[-1])
+        hd = padded_head_dim(q.shape[-1], q_old.shape[-1], v.shape[-1])
+        return tuple(_prep(x, hd) for x in (q, k, v, q_old, k_old))
 
-    if lse_old is None:
-        lse_old = _alloc((b, ho, n_old), torch.float32, dev)
-        mass_old = _alloc((b, ho, n_old), torch.float32, dev)
-        ext.attn_fwd(qop, kop, None, None, lse_old, mass_old, km, tq, r0, r0, old_sm_scale, causal, exclude_self)
-    else:
-        lse_old, mass_old = glue.old_lse_and_mass(lse_old, q_old, k_old, old_sm_scale, r0, tq, tk, key_mask,
-                                                  exclude_self)
-    mass_cur = mass if track_self else torch.isfinite(lse[:, :, r0:]).float()
-    z, z_old = glue.group_supports(mass_cur, mass_old, query_mask, r0, groups)
-    div, e_stat, a_stat = glue.divergence_buffers(b, groups, hq, tq, n_old, dev)
-    ext.div_fwd(qp, kp, lse, qop, kop, lse_old, z, z_old, div, e_stat, a_stat, km, r0, sm_scale, old_sm_scale,
-                DIVERGENCES.index(divergence), causal, exclude_self)
-    c_stat = glue.row_coupling(a_stat, e_stat, mass_cur, z)
-    return out, (div[:, 0] if groups == 1 else div), lse, lse_old, z, z_old, e_stat, c_stat
+    def prepare_dout(self, dout, q):
+        return _prep(dout.to(q.dtype), q.shape[-1])
+
+    def finish_out(self, out, v):
+        return out if out.shape[-1] == v.shape[-1] else out[..., :v.shape[-1]].contiguous()
+
+    def finish_grads(self, q, k, v, dq, dk, dv):
+        return (dq[..., :q.shape[-1]].to(q.dtype), dk[..., :k.shape[-1]].to(k.dtype),
+                dv[..., :v.shape[-1]].to(v.dtype))
+
+    def attn_fwd(self, q, k, v, key_mask, cfg, r0, old=None):
+        b, hq, tq, hd = q.shape
+        n_old = tq - r0
+        out = _alloc((b, hq, tq, hd), q.dtype, q.device)
+        lse = _alloc((b, hq, tq), torch.float32, q.device)
+        track_self = cfg.exclude_self and n_old > 0
+        mass = _alloc((b, hq, n_old), torch.float32, q.device) if track_self else None
+        _ext(q.device).attn_fwd(q, k, v, out, lse, mass, _kmask(key_mask), tq, 0, r0, cfg.sm_scale, cfg.causal, track_self)
+        lse_s = lse[:, :, r0:] + torch.log(mass) if track_self else None
+        return out, lse, lse_s, None
+
+    def policy_stats(self, q_rows, k, key_mask, cfg, first_row, tq, scale):
+        b, h, n, _ = q_rows.shape
+        lse = _alloc((b, h, n), torch.float32, q_rows.device)
+        mass = _alloc((b, h, n), torch.float32, q_rows.device)
+        _ext(q_rows.device).attn_fwd(q_rows, k, None, None, lse, mass, _kmask(key_mask), tq, first_row, first_row, scale,
+                          cfg.causal, cfg.exclude_self)
+        return lse, lse + torch.log(mass)
+
+    @staticmethod
+    def _as_lse(off, groups, rows=None):
+        """``off - log n`` where the kernels read ``lse`` (``[B, H, rows]``, the offsets in
+        the last rows)."""
+        n = off.shape[1] // groups
+        lse = off - math.log(n)
+        if rows is not None and rows != off.shape[2]:
+            lse = torch.cat([lse.new_full((*lse.shape[:2], rows - off.shape[2]), math.inf), lse], 2)
+        return lse.contiguous()
+
+    def _div_fwd(self, q, k, off, q_old, k_old, off_old, key_mask, cfg, r0):
+        b, hq, tq, _ = q.shape
+        groups = cfg.groups(hq)
+        n_old = tq - r0
+        ones = torch.ones(b, groups, n_old, dtype=torch.float32, device=q.device)
+        div = torch.zeros(b, groups, tq, dtype=torch.float32, device=q.device)
+        e_stat = torch.zeros_like(ones)
+        a_stat = torch.zeros(b, hq, n_old, dtype=torch.float32, device=q.device)
+        _ext(q.device).div_fwd(q, k, self._as_lse(off, groups, tq), q_old, k_old, self._as_lse(off_old, groups), ones,
+                               ones, div, e_stat, a_stat, _kmask(key_mask), r0, cfg.sm_scale, cfg.old_sm_scale,
+                               cfg.div_code, cfg.causal, cfg.exclude_self)
+        return div[:, :, r0:], e_stat, a_stat / (hq // groups)
+
+    def div_fwd(self, q, k, off, q_old, k_old, off_old, key_mask, cfg, r0):
+        div, e_stat, _ = self._div_fwd(q, k, off, q_old, k_old, off_old, key_mask, cfg, r0)
+        return div, e_stat, None  # the kernels do not sum the old policy's mass
+
+    def attn_bwd(self, q, k, v, dout, lse, delta, key_mask, cfg, r0, dq, dk, dv, old=None):
+        # The kernel overwrites its outputs; the divergence pass has already added to dq / dk.
+        tmp = [torch.empty_like(x) for x in (dq, dk, dv)]
+        _ext(q.device).attn_bwd(q, k, v, dout, lse.contiguous(), delta, *tmp, _kmask(key_mask), cfg.sm_scale,
+                                cfg.causal)
+        for acc, t in zip((dq, dk, dv), tmp):
+            acc += t
+
+    def div_bwd(self, q, k, off, q_old, k_old, off_old, e_stat, w, key_mask, cfg, r0, dq, dk):
+        b, hq, tq, _ = q.shape
+        groups = cfg.groups(hq)
+        ones = torch.ones(b, groups, tq - r0, dtype=torch.float32, device=q.device)
+        _ext(q.device).div_bwd(q, k, self._as_lse(off, groups, tq), q_old, k_old, self._as_lse(off_old, groups), ones,
+                               ones, e_stat.contiguous(), (w / (hq // groups)).contiguous(), dq, dk, _kmask(key_mask),
+                               r0, cfg.sm_scale, cfg.old_sm_scale, cfg.div_code, cfg.causal, cfg.exclude_self)
+        # A_h comes from the kernels' forward divergence pass (a second sweep).
+        return self._div_fwd(q, k, off, q_old, k_old, off_old, key_mask, cfg, r0)[2]
 
 
-def bwd(dout, ddiv, q, k, v, q_old, k_old, out, lse, lse_old, z, z_old, e_stat, c_stat, key_mask,
-        causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self):
-    b, hq, tq, d = q.shape
-    hk, tk, dv = k.shape[1], k.shape[2], v.shape[3]
-    n_old = q_old.shape[2]
-    r0 = tq - n_old
-    dev = q.device
-    ext = _ext(dev)
-    hd = padded_head_dim(d, q_old.shape[-1], dv)
-    qp, kp, vp, qop, kop, dop = (_prep(x, hd) for x in (q, k, v, q_old, k_old, dout.to(q.dtype)))
-    km = _kmask(key_mask)
+KERNELS = CudaKernels()
 
-    delta, w = glue.effective_delta(dout, out, ddiv, z, c_stat, r0)
-    dq = _alloc((b, hq, tq, hd), torch.float32, dev)
-    dk = _alloc((b, hk, tk, hd), torch.float32, dev)
-    dvb = _alloc((b, hk, tk, hd), torch.float32, dev)
-    ext.attn_bwd(qp, kp, vp, dop, lse.contiguous(), delta, dq, dk, dvb, km, sm_scale, causal)
-    if w is not None:
-        ext.div_bwd(qp, kp, lse.contiguous(), qop, kop, lse_old.contiguous(), z.contiguous(), z_old.contiguous(),
-                    e_stat.contiguous(), w, dq, dk, km, r0, sm_scale, old_sm_scale, DIVERGENCES.index(divergence),
-                    causal, exclude_self)
-    return dq[..., :d].to(q.dtype), dk[..., :d].to(k.dtype), dvb[..., :dv].to(v.dtype)
+
+def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, cfg):
+    return pipeline.forward(KERNELS, q, k, v, q_old, k_old, lse_old, query_mask, key_mask, cfg)
+
+
+def bwd(dout, ddiv, q, k, v, q_old, k_old, out, div, stats, key_mask, cfg):
+    return pipeline.backward(KERNELS, dout, ddiv, q, k, v, q_old, k_old, out, div, stats, key_mask, cfg)
