@@ -1,11 +1,21 @@
-// Flash forward: attention output, log-sum-exp and support mass, one pass over the keys.
-// Also the old policy's statistics (lse_old, its support mass) on the cached rows, with
-// WITH_OUT = false (no V, no output).
+// Flash forward over all query rows: out, lse and, on held divergence rows, the support's own
+// log-sum-exp lse_S. Without V (WITH_OUT = false) the same kernel is the old policy's
+// statistics pass on its cached rows (lse_old, lse_S,old).
 //
 // Block = 4 warps = 64 query rows (16 per warp); keys in tiles of 64 through shared memory,
-// double-buffered with cp.async (the next tile loads while this one is computed).
-// Per tile: S = Q K^T (mma), mask, online softmax in registers, O += P V (mma, P from
-// registers). Nothing Tq x Tk leaves the tile.
+// double-buffered with cp.async: tile i + 1 loads while tile i is computed, one barrier per
+// tile. Per tile: S = Q K^T (mma), the online softmax in registers in log2 units (exp2 with
+// the scale folded in: one exp2 per element), O += P V (mma, P straight from the
+// accumulators): 2 matmuls. Only tiles on the causal diagonal or across the sequence end
+// are masked; the others need the key mask alone.
+//
+// Held rows (divergence rows with exclude_self, when lse_s is given): the row's own key is
+// held out of the online softmax, so the sweep's log-sum-exp is the support's own lse_S,
+// exact for any support mass (SPEC "Numerics"; issue 13 F1/F2). The own key is merged back
+// at the end with one row-wise dot, no matmul:
+//   lse = logaddexp(lse_S, s_self),  out = out_S exp(lse_S - lse) + v_self exp(s_self - lse).
+// Written: out [B, H, rows, HD], lse [B, H, rows] (+inf: no key), lse_S [B, H, R] (-inf:
+// empty support). Nothing Tq x Tk leaves a tile.
 #include "kernel_utils.cuh"
 
 namespace ral {
@@ -13,9 +23,11 @@ namespace {
 
 constexpr int kBM = 64, kBN = 64;
 
-template <int HD> constexpr size_t fwd_smem(bool with_out) {  // Q, then 2 stages of K (and V)
+// Q, then 2 stages of K (and V) tiles, then 2 stages of key flags.
+template <int HD> constexpr size_t fwd_smem(bool with_out) {
   return size_t((kBM + 2 * kBN * (with_out ? 2 : 1)) * (HD + kPad)) * 2 + 2 * kBN;
 }
+static_assert(fwd_smem<128>(true) <= kMaxSmemAllArchs, "attn_fwd must fit every arch's shared memory");
 
 template <typename T, int HD, bool WITH_OUT>
 __global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(const FwdParams p) {
@@ -23,55 +35,67 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(const FwdParams p
   constexpr int STAGE = kBN * LD * (WITH_OUT ? 2 : 1);  // K (and V) tile of one stage
   RAL_DYN_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sKV = sQ + kBM * LD;  // stage s: K at sKV + s * STAGE, V right after it
-  uint8_t* sKok = reinterpret_cast<uint8_t*>(sKV + 2 * STAGE);  // stage s at + s * kBN
+  T* sKV = sQ + kBM * LD;                                        // stage s: K at + s * STAGE, V after it
+  uint8_t* sKok = reinterpret_cast<uint8_t*>(sKV + 2 * STAGE);  // stage s: at + s * kBN
 
   const int m0 = blockIdx.x * kBM;
-  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H, kvh = h / (p.H / p.HK);
+  const int64_t bh = blockIdx.y;
+  const int b = int(bh / p.H), h = int(bh % p.H), kvh = h / (p.H / p.HK);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const T* q = static_cast<const T*>(p.q) + int64_t(bh) * p.rows * HD;
-  const T* k = static_cast<const T*>(p.k) + int64_t(b * p.HK + kvh) * p.Tk * HD;
-  const T* v = WITH_OUT ? static_cast<const T*>(p.v) + int64_t(b * p.HK + kvh) * p.Tk * HD : nullptr;
+  const int64_t kv_off = (int64_t(b) * p.HK + kvh) * p.Tk * HD;
+  const T* q = static_cast<const T*>(p.q) + bh * p.rows * HD;
+  const T* k = static_cast<const T*>(p.k) + kv_off;
+  const T* v = WITH_OUT ? static_cast<const T*>(p.v) + kv_off : nullptr;
   const uint8_t* kmask = p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr;
+  const float qk2 = p.scale * kLog2e;
+  const bool hold = p.lse_s != nullptr;
 
-  load_tile<T, kBM, HD>(sQ, q, m0, p.rows);
-  int row[2], pos[2];
+  int row[2], pos[2], self_key[2];
+  bool held[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row[r] = m0 + warp * 16 + lane / 4 + 8 * r;
     pos[r] = p.pos0 + row[r];
+    self_key[r] = pos[r] + p.Tk - p.Tq;
+    held[r] = hold && pos[r] >= p.r0 && row[r] < p.rows;
   }
-  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.f, 0.f}, ls_i[2] = {0.f, 0.f};
+  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.f, 0.f};  // log2 units
   float acc[NV][4];
   zero(acc);
 
   const int last = m0 + kBM < p.rows ? m0 + kBM : p.rows;
   const int hi = key_end(p.pos0 + last, p.Tq, p.Tk, p.causal);
-  if (hi > 0) issue_kv<T, kBN, HD, WITH_OUT>(sKV, sKok, k, v, kmask, 0, p.Tk);
+  const int n_full = unmasked_end<kBN>(p.pos0 + m0, p.Tq, p.Tk, p.causal, hold);
+  load_tile_async<T, kBM, HD>(sQ, q, m0, p.rows);  // Q joins the first key tile's group
+  if (hi > 0)
+    issue_kv<T, kBN, HD, WITH_OUT>(sKV, sKok, k, v, kmask, 0, p.Tk);
+  else
+    cp_async_commit();
   for (int n0 = 0, it = 0; n0 < hi; n0 += kBN, ++it) {
     const int stage = it & 1;
     const T* sK = sKV + stage * STAGE;
     const T* sV = sK + kBN * LD;  // only with WITH_OUT
     const uint8_t* sKok_t = sKok + stage * kBN;
-    if (n0 + kBN < hi) {  // the other stage was released by the barrier ending the last tile
+    cp_async_wait<0>();
+    // Tile `it` is visible to every warp, and every warp is done with tile it - 1, whose stage
+    // the next load reuses.
+    __syncthreads();  // RAL_RELEASE_BARRIER(fwd)
+    if (n0 + kBN < hi)
       issue_kv<T, kBN, HD, WITH_OUT>(sKV + (stage ^ 1) * STAGE, sKok + (stage ^ 1) * kBN, k, v, kmask, n0 + kBN, p.Tk);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // this tile (and Q) visible to every warp
 
     float s[NT][4];
     zero(s);
     gemm_nt<T, NT, HD>(s, sQ + warp * 16 * LD, LD, sK, LD);
+    const bool masked = n0 + kBN > n_full;
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int t = 0; t < NT; ++t)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1, jj = frag_col(t, e);
-        const bool ok = allowed(pos[r], n0 + jj, sKok_t[jj], p.Tq, p.Tk, p.causal);
-        s[t][e] = ok ? s[t][e] * p.scale : -INFINITY;
+        const int r = e >> 1, jj = frag_col(t, e), j = n0 + jj;
+        const bool ok = masked ? allowed(pos[r], j, sKok_t[jj], p.Tq, p.Tk, p.causal) && !(held[r] && j == self_key[r])
+                               : (kmask == nullptr || sKok_t[jj]);
+        s[t][e] = ok ? s[t][e] * qk2 : -INFINITY;
         mx[r] = fmaxf(mx[r], s[t][e]);
       }
     float corr[2], m_use[2];
@@ -79,24 +103,19 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(const FwdParams p
     for (int r = 0; r < 2; ++r) {
       const float m_new = fmaxf(m_i[r], quad_max(mx[r]));
       m_use[r] = m_new == -INFINITY ? 0.f : m_new;
-      corr[r] = expf(m_i[r] - m_use[r]);
+      corr[r] = exp2f(m_i[r] - m_use[r]);
       m_i[r] = m_new;
     }
-    float sum[2] = {0.f, 0.f}, sum_s[2] = {0.f, 0.f};
+    float sum[2] = {0.f, 0.f};
 #pragma unroll
     for (int t = 0; t < NT; ++t)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1, j = n0 + frag_col(t, e);
-        s[t][e] = expf(s[t][e] - m_use[r]);
-        sum[r] += s[t][e];
-        if (j != pos[r] + p.Tk - p.Tq) sum_s[r] += s[t][e];
+        s[t][e] = exp2f(s[t][e] - m_use[e >> 1]);
+        sum[e >> 1] += s[t][e];
       }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l_i[r] = l_i[r] * corr[r] + quad_sum(sum[r]);
-      ls_i[r] = ls_i[r] * corr[r] + quad_sum(sum_s[r]);
-    }
+    for (int r = 0; r < 2; ++r) l_i[r] = l_i[r] * corr[r] + quad_sum(sum[r]);
     if (WITH_OUT) {
 #pragma unroll
       for (int t = 0; t < NV; ++t)
@@ -104,24 +123,54 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(const FwdParams p
         for (int e = 0; e < 4; ++e) acc[t][e] *= corr[e >> 1];
       gemm_pn<T, NT, NV>(acc, s, sV, LD);
     }
-    __syncthreads();  // release this stage for the load issued in the next iteration
   }
 
+  if (hold) {  // the own-key dot reads Q, which no tile may have waited for (a row with no key)
+    cp_async_wait<0>();
+    __syncthreads();
+  }
   const int R = p.Tq - p.r0;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (row[r] >= p.rows) continue;
     const float l_safe = l_i[r] > 0.f ? l_i[r] : 1.f;
+    const float lse_s2 = l_i[r] > 0.f ? m_i[r] + log2f(l_i[r]) : -INFINITY;  // over the sweep's keys
+    float lse2 = lse_s2, out_w = 1.f / l_safe, self_w = 0.f;
+    const int js = self_key[r];
+    const bool self_ok = held[r] && js >= 0 && js < p.Tk && (kmask == nullptr || kmask[js] != 0);
+    if (hold) {  // the quad of lanes that holds this row forms q . k_self, HD / 4 columns each
+      float dot = 0.f;
+      if (self_ok) {
+        const T* qr = sQ + (warp * 16 + lane / 4 + 8 * r) * LD;
+        const T* kr = k + int64_t(js) * HD;
+        for (int c = (lane % 4) * (HD / 4); c < (lane % 4 + 1) * (HD / 4); ++c)
+          dot += Cvt<T>::to_float(qr[c]) * Cvt<T>::to_float(kr[c]);
+      }
+      dot = quad_sum(dot);
+      const float s_self = self_ok ? dot * qk2 : -INFINITY;
+      if (held[r]) {
+        lse2 = logaddexp2(lse_s2, s_self);
+        const float lse_use = lse2 == -INFINITY ? 0.f : lse2;
+        out_w = exp2f(lse_s2 - lse_use) / l_safe;
+        self_w = exp2f(s_self - lse_use);
+      }
+    }
+    if (row[r] >= p.rows) continue;
     if (WITH_OUT) {
-      T* o = static_cast<T*>(p.out) + (int64_t(bh) * p.rows + row[r]) * HD + 2 * (lane % 4);
+      T* o = static_cast<T*>(p.out) + (bh * p.rows + row[r]) * HD + 2 * (lane % 4);
+      const T* vs = v + int64_t(self_ok ? js : 0) * HD + 2 * (lane % 4);
 #pragma unroll
-      for (int t = 0; t < NV; ++t)
-        *reinterpret_cast<uint32_t*>(o + t * 8) = pack2<T>(acc[t][2 * r] / l_safe, acc[t][2 * r + 1] / l_safe);
+      for (int t = 0; t < NV; ++t) {
+        float o0 = acc[t][2 * r] * out_w, o1 = acc[t][2 * r + 1] * out_w;
+        if (self_ok) {
+          o0 += Cvt<T>::to_float(vs[t * 8]) * self_w;
+          o1 += Cvt<T>::to_float(vs[t * 8 + 1]) * self_w;
+        }
+        *reinterpret_cast<uint32_t*>(o + t * 8) = pack2<T>(o0, o1);
+      }
     }
     if (lane % 4 != 0) continue;
-    p.lse[int64_t(bh) * p.rows + row[r]] = l_i[r] > 0.f ? m_i[r] + logf(l_safe) : INFINITY;
-    if (p.mass != nullptr && pos[r] >= p.r0)
-      p.mass[int64_t(bh) * R + pos[r] - p.r0] = p.exclude_self ? ls_i[r] / l_safe : (l_i[r] > 0.f ? 1.f : 0.f);
+    p.lse[bh * p.rows + row[r]] = lse2 == -INFINITY ? INFINITY : lse2 * kLn2;
+    if (held[r]) p.lse_s[bh * R + pos[r] - p.r0] = lse_s2 * kLn2;
   }
 }
 

@@ -1,8 +1,9 @@
 // pybind11 + torch bindings of the CUDA kernels (module ral_kernels._C, or the JIT-built
 // equivalent). Every function checks its tensors (device, dtype, shape, contiguity,
 // alignment), sets the device guard and calls one launcher of ral_cuda.h on the current
-// stream. Outputs are preallocated by ral_kernels/cuda_backend.py, which owns the
-// semantics (padding, statistics glue); these functions only launch.
+// stream. Outputs are preallocated by ral_kernels/backends/cuda/launch.py, which owns the
+// semantics (padding, statistics glue); these functions only check and launch. Every
+// argument has a name (call them with keywords); scalars after the tensors are keyword-only.
 //
 // With -DRAL_CPU_EMULATION the same file builds against csrc/emu/cuda_emu.h and takes CPU
 // tensors: the kernels then run in the CPU emulator (tests on machines without a GPU).
@@ -98,10 +99,11 @@ template <typename F> void run(const Tensor& q, F&& launch) {
   TORCH_CHECK(err == cudaSuccess, "ral_kernels CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// Attention forward (v and out given) or the old policy's statistics (v, out None).
+// Attention forward (v and out given) or the old policy's statistics (v, out None); rows
+// >= r0 are held (their own key out of the sweep, lse_S written) when lse_s is given.
 void attn_fwd(const Tensor& q, const Tensor& k, const OptTensor& v, const OptTensor& out, const Tensor& lse,
-              const OptTensor& mass, const OptTensor& kmask, int64_t Tq, int64_t pos0, int64_t r0, double scale,
-              bool causal, bool exclude_self) {
+              const OptTensor& lse_s, const OptTensor& key_mask, int64_t tq, int64_t pos0, int64_t r0, double scale,
+              bool causal) {
   const int hd = head_dim(q);
   ral::FwdParams p{};
   p.dtype = dtype_of(q);
@@ -122,33 +124,127 @@ void attn_fwd(const Tensor& q, const Tensor& k, const OptTensor& v, const OptTen
     check_input(*out, "out", q, hd);
     TORCH_CHECK(out->sizes() == q.sizes(), "out must have q's shape ", q.sizes(), ", got ", out->sizes());
   }
-  TORCH_CHECK(0 <= r0 && r0 <= Tq && 0 <= pos0 && pos0 + p.rows <= Tq, "bad row range: rows ", p.rows,
-              ", pos0 ", pos0, ", r0 ", r0, ", Tq ", Tq);
+  TORCH_CHECK(0 <= r0 && r0 <= tq && 0 <= pos0 && pos0 + p.rows <= tq, "bad row range: rows ", p.rows, ", pos0 ",
+              pos0, ", r0 ", r0, ", tq ", tq);
   check_f32(lse, "lse", q, {p.B, p.H, p.rows});
-  if (mass) check_f32(*mass, "mass", q, {p.B, p.H, Tq - r0});
+  if (lse_s) {
+    TORCH_CHECK(pos0 + p.rows == tq && pos0 <= r0, "lse_s needs rows that end at tq and start at or before r0");
+    check_f32(*lse_s, "lse_s", q, {p.B, p.H, tq - r0});
+  }
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v ? v->data_ptr() : nullptr;
   p.out = out ? out->data_ptr() : nullptr;
   p.lse = lse.data_ptr<float>();
-  p.mass = mass ? mass->data_ptr<float>() : nullptr;
-  p.kmask = kmask_ptr(kmask, q, p.B, p.Tk);
-  p.Tq = int(Tq);
+  p.lse_s = lse_s ? lse_s->data_ptr<float>() : nullptr;
+  p.kmask = kmask_ptr(key_mask, q, p.B, p.Tk);
+  p.Tq = int(tq);
   p.pos0 = int(pos0);
   p.r0 = int(r0);
   p.scale = float(scale);
   p.causal = causal;
-  p.exclude_self = exclude_self;
   run(q, [&](cudaStream_t s) { return ral::attn_fwd(p, s); });
 }
 
+// Shared checks of div_fwd / div_bwd; fills everything but the pass-specific pointers.
+ral::DivParams div_params(const Tensor& q, const Tensor& k, const Tensor& off, const Tensor& q_old,
+                          const Tensor& k_old, const Tensor& off_old, const OptTensor& key_mask, int64_t groups,
+                          int64_t r0, double scale, double old_scale, int64_t divergence, bool causal,
+                          bool exclude_self, int64_t splits, int64_t split_keys) {
+  const int hd = head_dim(q);
+  ral::DivParams p{};
+  p.dtype = dtype_of(q);
+  p.hd = hd;
+  check_input(q, "q", q, hd);
+  for (auto [x, name] : {std::pair{&k, "k"}, {&q_old, "q_old"}, {&k_old, "k_old"}}) check_input(*x, name, q, hd);
+  p.B = int(q.size(0));
+  p.Hq = int(q.size(1));
+  p.Tq = int(q.size(2));
+  p.Hk = int(k.size(1));
+  p.Tk = int(k.size(2));
+  p.Ho = int(q_old.size(1));
+  p.Hko = int(k_old.size(1));
+  p.G = int(groups);
+  TORCH_CHECK(0 <= r0 && r0 <= p.Tq, "r0 must be in [0, Tq], got ", r0);
+  const int64_t R = p.Tq - r0;
+  TORCH_CHECK(k.size(0) == p.B && q_old.size(0) == p.B && k_old.size(0) == p.B, "batch sizes differ");
+  TORCH_CHECK(q_old.size(2) == R && k_old.size(2) == p.Tk, "q_old must have R = ", R, " rows and k_old ", p.Tk,
+              " keys, got ", q_old.sizes(), " and ", k_old.sizes());
+  check_heads(p.B, p.Hq, p.Hk, "current policy");
+  check_heads(p.B, p.Ho, p.Hko, "old policy");
+  TORCH_CHECK(p.G == 1 || (p.G == p.Hq && p.Ho == p.Hq), "groups must be 1 (mean) or Hq == Ho (none), got ", p.G);
+  TORCH_CHECK(divergence >= 0 && divergence <= 2, "divergence code must be 0, 1 or 2, got ", divergence);
+  TORCH_CHECK(splits >= 1 && split_keys >= 1 && splits * split_keys >= p.Tk && splits <= 65535,
+              "splits x split_keys must cover the ", p.Tk, " keys (splits <= 65535), got ", splits, " x ", split_keys);
+  check_f32(off, "off", q, {p.B, p.Hq, R});
+  check_f32(off_old, "off_old", q, {p.B, p.Ho, R});
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.off = off.data_ptr<float>();
+  p.q_old = q_old.data_ptr();
+  p.k_old = k_old.data_ptr();
+  p.off_old = off_old.data_ptr<float>();
+  p.kmask = kmask_ptr(key_mask, q, p.B, p.Tk);
+  p.r0 = int(r0);
+  p.scale = float(scale);
+  p.old_scale = float(old_scale);
+  p.divergence = int(divergence);
+  p.causal = causal;
+  p.exclude_self = exclude_self;
+  p.splits = int(splits);
+  p.split_keys = int(split_keys);
+  return p;
+}
+
+void div_fwd(const Tensor& q, const Tensor& k, const Tensor& off, const Tensor& q_old, const Tensor& k_old,
+             const Tensor& off_old, const OptTensor& key_mask, const Tensor& div_part, const Tensor& e_part,
+             const Tensor& mass_part, int64_t r0, double scale, double old_scale, int64_t divergence, bool causal,
+             bool exclude_self, int64_t split_keys) {
+  TORCH_CHECK(div_part.dim() == 4, "div_part must have 4 dims [splits, B, G, R], got shape ", div_part.sizes());
+  const int64_t splits = div_part.size(0);
+  ral::DivParams p = div_params(q, k, off, q_old, k_old, off_old, key_mask, div_part.size(2), r0, scale, old_scale,
+                                divergence, causal, exclude_self, splits, split_keys);
+  const int64_t R = p.Tq - r0;
+  check_f32(div_part, "div_part", q, {splits, p.B, p.G, R});
+  check_f32(e_part, "e_part", q, {splits, p.B, p.G, R});
+  check_f32(mass_part, "mass_part", q, {splits, p.B, p.G, R});
+  p.div_part = div_part.data_ptr<float>();
+  p.e_part = e_part.data_ptr<float>();
+  p.mass_part = mass_part.data_ptr<float>();
+  run(q, [&](cudaStream_t s) { return ral::div_fwd(p, s); });
+}
+
+void div_bwd(const Tensor& q, const Tensor& k, const Tensor& off, const Tensor& q_old, const Tensor& k_old,
+             const Tensor& off_old, const OptTensor& key_mask, const Tensor& e, const Tensor& w, const Tensor& a,
+             const Tensor& dq, const Tensor& dk, int64_t r0, double scale, double old_scale, int64_t divergence,
+             bool causal, bool exclude_self, int64_t splits, int64_t split_keys, bool deterministic) {
+  TORCH_CHECK(e.dim() == 3, "e must have 3 dims [B, G, R], got shape ", e.sizes());
+  ral::DivParams p = div_params(q, k, off, q_old, k_old, off_old, key_mask, e.size(1), r0, scale, old_scale,
+                                divergence, causal, exclude_self, splits, split_keys);
+  TORCH_CHECK(!deterministic || splits == 1, "deterministic=True needs splits == 1, got ", splits);
+  const int64_t R = p.Tq - r0;
+  check_f32(e, "e", q, {p.B, p.G, R});
+  check_f32(w, "w", q, {p.B, p.G, R});
+  check_f32(a, "a", q, {p.B, p.Hq, R});
+  check_f32(dq, "dq", q, q.sizes());
+  check_f32(dk, "dk", q, k.sizes());
+  p.e = e.data_ptr<float>();
+  p.w = w.data_ptr<float>();
+  p.a = a.data_ptr<float>();
+  p.dq = dq.data_ptr<float>();
+  p.dk = dk.data_ptr<float>();
+  p.deterministic = deterministic;
+  run(q, [&](cudaStream_t s) { return ral::div_bwd(p, s); });
+}
+
 void attn_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const Tensor& lse,
-              const Tensor& delta, const Tensor& dq, const Tensor& dk, const Tensor& dv, const OptTensor& kmask,
-              double scale, bool causal) {
+              const Tensor& delta, const Tensor& dq, const Tensor& dk, const Tensor& dv, const OptTensor& key_mask,
+              double scale, bool causal, bool deterministic) {
   const int hd = head_dim(q);
   ral::BwdParams p{};
   p.dtype = dtype_of(q);
   p.hd = hd;
+  check_input(q, "q", q, hd);
   for (auto [x, name] : {std::pair{&k, "k"}, {&v, "v"}, {&dout, "dout"}}) check_input(*x, name, q, hd);
   p.B = int(q.size(0));
   p.H = int(q.size(1));
@@ -172,102 +268,35 @@ void attn_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& d
   p.dq = dq.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.dv = dv.data_ptr<float>();
-  p.kmask = kmask_ptr(kmask, q, p.B, p.Tk);
+  p.kmask = kmask_ptr(key_mask, q, p.B, p.Tk);
   p.scale = float(scale);
   p.causal = causal;
+  p.deterministic = deterministic;
   run(q, [&](cudaStream_t s) { return ral::attn_bwd(p, s); });
-}
-
-// Shared checks of div_fwd / div_bwd; fills everything but the pass-specific pointers.
-ral::DivParams div_params(const Tensor& q, const Tensor& k, const Tensor& lse, const Tensor& q_old,
-                          const Tensor& k_old, const Tensor& lse_old, const Tensor& z, const Tensor& z_old,
-                          const OptTensor& kmask, int64_t r0, double scale, double old_scale, int64_t divergence,
-                          bool causal, bool exclude_self) {
-  const int hd = head_dim(q);
-  ral::DivParams p{};
-  p.dtype = dtype_of(q);
-  p.hd = hd;
-  for (auto [x, name] : {std::pair{&k, "k"}, {&q_old, "q_old"}, {&k_old, "k_old"}}) check_input(*x, name, q, hd);
-  p.B = int(q.size(0));
-  p.Hq = int(q.size(1));
-  p.Tq = int(q.size(2));
-  p.Hk = int(k.size(1));
-  p.Tk = int(k.size(2));
-  p.Ho = int(q_old.size(1));
-  p.Hko = int(k_old.size(1));
-  p.G = int(z.size(1));
-  TORCH_CHECK(0 <= r0 && r0 <= p.Tq, "r0 must be in [0, Tq], got ", r0);
-  const int64_t R = p.Tq - r0;
-  TORCH_CHECK(k.size(0) == p.B && q_old.size(0) == p.B && k_old.size(0) == p.B, "batch sizes differ");
-  TORCH_CHECK(q_old.size(2) == R && k_old.size(2) == p.Tk, "q_old must have R = ", R, " rows and k_old ", p.Tk,
-              " keys, got ", q_old.sizes(), " and ", k_old.sizes());
-  check_heads(p.B, p.Hq, p.Hk, "current policy");
-  check_heads(p.B, p.Ho, p.Hko, "old policy");
-  TORCH_CHECK(p.G == 1 || (p.G == p.Hq && p.Ho == p.Hq), "groups must be 1 (mean) or Hq == Ho (none), got ", p.G);
-  TORCH_CHECK(divergence >= 0 && divergence <= 2, "divergence code must be 0, 1 or 2, got ", divergence);
-  check_f32(lse, "lse", q, {p.B, p.Hq, p.Tq});
-  check_f32(lse_old, "lse_old", q, {p.B, p.Ho, R});
-  check_f32(z, "z", q, {p.B, p.G, R});
-  check_f32(z_old, "z_old", q, {p.B, p.G, R});
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.q_old = q_old.data_ptr();
-  p.k_old = k_old.data_ptr();
-  p.lse_old = lse_old.data_ptr<float>();
-  p.z = z.data_ptr<float>();
-  p.z_old = z_old.data_ptr<float>();
-  p.kmask = kmask_ptr(kmask, q, p.B, p.Tk);
-  p.r0 = int(r0);
-  p.scale = float(scale);
-  p.old_scale = float(old_scale);
-  p.divergence = int(divergence);
-  p.causal = causal;
-  p.exclude_self = exclude_self;
-  return p;
-}
-
-void div_fwd(const Tensor& q, const Tensor& k, const Tensor& lse, const Tensor& q_old, const Tensor& k_old,
-             const Tensor& lse_old, const Tensor& z, const Tensor& z_old, const Tensor& div, const Tensor& e,
-             const Tensor& a, const OptTensor& kmask, int64_t r0, double scale, double old_scale, int64_t divergence,
-             bool causal, bool exclude_self) {
-  ral::DivParams p =
-      div_params(q, k, lse, q_old, k_old, lse_old, z, z_old, kmask, r0, scale, old_scale, divergence, causal, exclude_self);
-  const int64_t R = p.Tq - r0;
-  check_f32(div, "div", q, {p.B, p.G, p.Tq});
-  check_f32(e, "e", q, {p.B, p.G, R});
-  check_f32(a, "a", q, {p.B, p.Hq, R});
-  p.div = div.data_ptr<float>();
-  p.e_out = e.data_ptr<float>();
-  p.a = a.data_ptr<float>();
-  run(q, [&](cudaStream_t s) { return ral::div_fwd(p, s); });
-}
-
-void div_bwd(const Tensor& q, const Tensor& k, const Tensor& lse, const Tensor& q_old, const Tensor& k_old,
-             const Tensor& lse_old, const Tensor& z, const Tensor& z_old, const Tensor& e, const Tensor& w,
-             const Tensor& dq, const Tensor& dk, const OptTensor& kmask, int64_t r0, double scale, double old_scale,
-             int64_t divergence, bool causal, bool exclude_self) {
-  ral::DivParams p =
-      div_params(q, k, lse, q_old, k_old, lse_old, z, z_old, kmask, r0, scale, old_scale, divergence, causal, exclude_self);
-  const int64_t R = p.Tq - r0;
-  check_f32(e, "e", q, {p.B, p.G, R});
-  check_f32(w, "w", q, {p.B, p.G, R});
-  check_f32(dq, "dq", q, q.sizes());
-  check_f32(dk, "dk", q, k.sizes());
-  p.e = e.data_ptr<float>();
-  p.w = w.data_ptr<float>();
-  p.dq = dq.data_ptr<float>();
-  p.dk = dk.data_ptr<float>();
-  run(q, [&](cudaStream_t s) { return ral::div_bwd(p, s); });
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   m.doc() = "ral_kernels CUDA C++ kernels (fused attention + attention divergence)";
   m.attr("emulated") = kEmulated;
-  m.def("attn_fwd", &attn_fwd, "flash forward: out, lse, support mass (or old-policy statistics)");
-  m.def("attn_bwd", &attn_bwd, "flash backward with delta_eff: dq, dk, dv (fp32)");
-  m.def("div_fwd", &div_fwd, "divergence, E and A_h on the cached rows");
-  m.def("div_bwd", &div_bwd, "divergence part of dS into dq (rows) and dk (keys)");
+  m.def("attn_fwd", &attn_fwd, "flash forward: out, lse and the held rows' lse_S (or the old policy's statistics)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("lse_s"),
+        py::arg("key_mask"), py::kw_only(), py::arg("tq"), py::arg("pos0"), py::arg("r0"), py::arg("scale"),
+        py::arg("causal"));
+  m.def("div_fwd", &div_fwd, "partial row sums of the divergence, E and the old mass per key split",
+        py::arg("q"), py::arg("k"), py::arg("off"), py::arg("q_old"), py::arg("k_old"), py::arg("off_old"),
+        py::arg("key_mask"), py::arg("div_part"), py::arg("e_part"), py::arg("mass_part"), py::kw_only(),
+        py::arg("r0"), py::arg("scale"), py::arg("old_scale"), py::arg("divergence"), py::arg("causal"),
+        py::arg("exclude_self"), py::arg("split_keys"));
+  m.def("div_bwd", &div_bwd, "the divergence's dS into dq and dk, and A_h (all added to)",
+        py::arg("q"), py::arg("k"), py::arg("off"), py::arg("q_old"), py::arg("k_old"), py::arg("off_old"),
+        py::arg("key_mask"), py::arg("e"), py::arg("w"), py::arg("a"), py::arg("dq"), py::arg("dk"), py::kw_only(),
+        py::arg("r0"), py::arg("scale"), py::arg("old_scale"), py::arg("divergence"), py::arg("causal"),
+        py::arg("exclude_self"), py::arg("splits"), py::arg("split_keys"), py::arg("deterministic"));
+  m.def("attn_bwd", &attn_bwd, "flash backward with delta_eff: dq, dk, dv (fp32, added to)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("lse"), py::arg("delta"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("key_mask"), py::kw_only(), py::arg("scale"), py::arg("causal"),
+        py::arg("deterministic"));
 }

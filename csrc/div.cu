@@ -1,362 +1,455 @@
-// Divergence passes over the R cached (divergence) rows only, one block per group of heads
-// ("mean": all heads; "none": one head), so a tile's head-averaged rows abar / bbar are
-// formed once for all heads of the group:
-//   div_fwd      (64 rows x key tiles): divergence, E = sum_S p g, A_h += sum_S alpha_h g
-//   div_bwd rows (64 rows x key tiles): dq_h += (w/n * alpha_h * G) K * scale
-//   div_bwd keys (64 keys x row tiles, transposed tiles): dk += (w/n * alpha_h * G)^T Q * scale
-// with G = (g - E) / Z on the support. Each block owns the rows (or keys) it adds to, so
-// the read-modify-write of dq / dk needs no atomics and is deterministic.
+// Divergence passes over the R divergence rows only (the cached rows r0 .. Tq - 1).
+//
+// Per head h and divergence row i the pipeline hands over an offset off_h (glue.py) such
+// that the renormalized policy on the support S(i) is p_j = sum_{h in group} pi_hj with
+// pi_hj = exp(s_hj - off_h) (no division by a support mass; off = +inf on rows without a
+// divergence, so they add exactly zero); the old policy's r likewise. In a tile every head's
+// pi_h is formed once and summed scaled by 2^100 (p^ = p 2^100: log p stays exact where p
+// underflows, kernel_utils.cuh policy_terms), the divergence's terms come from log p / log r.
+//
+//   div_rows_kernel<BWD = false> (div_fwd): program = 64 rows x group x key split; partial
+//     row sums of the divergence, E = sum_S p g and the old policy's mass (a check of a
+//     cached lse_old) into [splits, B, G, R] (flash-decoding: short responses still fill
+//     the GPU; the host adds the splits in a fixed order).
+//   div_rows_kernel<BWD = true> (div_bwd): forms p^ and r^ of a tile, then per head
+//     dS_h = w pi_h (g - E) into dq (its rows; atomically when the keys are split), into dk
+//     (atomically, unless deterministic) and the row sums A_h = sum_S pi_h g, from which the
+//     host forms b_h for the attention backward's delta.
+//   div_keys_kernel (div_bwd, deterministic): program = 64 keys x (batch, or KV head for
+//     per-head reductions); owns dk of its keys, so no atomics.
+//
+// A tile visits the heads in a fixed order (Visits): the old heads, the current heads
+// (forming r^, p^), then, backward, the current heads again in reverse order, the first of
+// which reuses the previous visit's tiles and scores: the current scores are formed twice per
+// tile (once per-head policy), the old ones once. Each visit's Q tile (rows x HD), K tile
+// (when the KV head changes) and offsets stream through two cp.async stages, one barrier per
+// visit (two in the atomic backward, whose dk product reads a dS tile back transposed).
+// Nothing Tq x Tk is written.
 #include "kernel_utils.cuh"
 
 namespace ral {
 namespace {
 
-constexpr int kB = 64;  // rows per row-major block, keys per key-major block
+constexpr int kBM = 64;        // rows of a row-major block (4 warps x 16 rows)
+constexpr int kKeyBlock = 64;  // keys of a key-major block (4 warps x 16 keys)
+template <int HD> __host__ __device__ constexpr int row_tile_keys() { return 64; }
+template <int HD> __host__ __device__ constexpr int key_tile_rows() { return HD == 128 ? 32 : 64; }
 
-// The other tile dimension (keys of a row-major block, rows of a key-major block).
-template <int HD> __host__ __device__ constexpr int inner_tile() { return HD == 128 ? 32 : 64; }
+// Q, K tiles (2 stages each), the dS tile (atomic backward), offsets (2 stages).
+template <int HD> constexpr size_t rows_smem(bool bwd) {
+  return size_t(2 * (kBM + row_tile_keys<HD>()) * (HD + kPad) + (bwd ? kBM * (row_tile_keys<HD>() + kPad) : 0)) * 2 +
+         2 * kBM * 4;
+}
+// Q, K tiles (2 stages each), offsets (2 stages), E and w of the row tile (2 stages).
+template <int HD> constexpr size_t keys_smem() {
+  return size_t(2 * (key_tile_rows<HD>() + kKeyBlock) * (HD + kPad)) * 2 + 6 * key_tile_rows<HD>() * 4;
+}
+static_assert(rows_smem<128>(true) <= kMaxSmemAllArchs && keys_smem<128>() <= kMaxSmemAllArchs,
+              "the divergence kernels must fit every arch's shared memory");
 
-constexpr size_t div_smem(int hd) { return size_t(2 * kB * (hd + kPad)) * 2 + 5 * kB * 4 + 2 * kB; }
+// The heads one tile visits, in order (j = 0 .. per_tile - 1): the n_old old heads, the n
+// current heads (both summed into the policies), then, backward, the current heads in reverse
+// order (the gradient; the first of them is the last summed head again).
+struct Visits {
+  int n, n_old, per_tile;
+  __device__ Visits(int n_, int n_old_, bool bwd) : n(n_), n_old(n_old_), per_tile(n_old_ + n_ * (bwd ? 2 : 1)) {}
+  __device__ bool old(int j) const { return j < n_old; }
+  __device__ bool grad(int j) const { return j >= n_old + n; }
+  __device__ bool last_sum(int j) const { return j == n_old + n - 1; }
+  __device__ bool reuse(int j) const { return j == n_old + n; }  // same head, tiles and scores as j - 1
+  __device__ int head(int grp, int j) const {  // head index on its side
+    if (j < n_old) return grp * n_old + j;
+    return grp * n + (j < n_old + n ? j - n_old : n - 1 - (j - n_old - n));
+  }
+};
 
-// One policy (current or old): where a head's cached rows, their lse and its keys live.
+// One policy's cached queries (row r of head h at q + ((b H + h) q_rows + q_row0 + r) HD),
+// keys and offsets.
 struct Side {
   const void* q;
-  const float* lse;
   const void* k;
-  int64_t rows;  // rows per head in q / lse (Tq for the current policy, R for the old one)
-  int row_off;   // index of cached row 0 in q / lse (r0, or 0)
-  int H, HK;
-  float scale;
+  const float* off;
+  int64_t q_rows;
+  int q_row0, H, HK;
+  float scale2;  // sm_scale * log2(e)
 };
 
-__device__ __forceinline__ Side current_side(const DivParams& p) {
-  return {p.q, p.lse, p.k, p.Tq, p.r0, p.Hq, p.Hk, p.scale};
-}
-__device__ __forceinline__ Side old_side(const DivParams& p) {
-  return {p.q_old, p.lse_old, p.k_old, p.Tq - p.r0, 0, p.Ho, p.Hko, p.old_scale};
+__device__ __forceinline__ Side side_of(const DivParams& p, bool old) {
+  if (old) return {p.q_old, p.k_old, p.off_old, p.Tq - p.r0, 0, p.Ho, p.Hko, p.old_scale * kLog2e};
+  return {p.q, p.k, p.off, p.Tq, p.r0, p.Hq, p.Hk, p.scale * kLog2e};
 }
 
-template <typename T> struct Smem {
-  T* q;
-  T* k;
-  float* lse;
-};
+__device__ __forceinline__ int kv_head(const DivParams& p, bool old, int h) {
+  return old ? h / (p.Ho / p.Hko) : h / (p.Hq / p.Hk);
+}
 
-// alpha_h = exp(scale q.k - lse) of head h on the support bits of a tile, added to acc.
-// Row-major: C rows are the warp's 16 of 64 cached rows from rq0, columns NT*8 keys from n0.
-// Key-major: C rows are the warp's 16 of 64 keys from n0, columns NT*8 cached rows from rq0.
-// Leaves the head's query rows in sm.q and its keys in sm.k.
-template <typename T, int HD, int NT, bool RM>
-__device__ __forceinline__ void head_alpha(float (&acc)[NT][4], uint32_t supp, const Smem<T>& sm, const Side& sd,
-                                           int b, int h, int rq0, int R, int n0, int Tk) {
-  constexpr int LD = HD + kPad, QROWS = RM ? kB : NT * 8, KROWS = RM ? NT * 8 : kB;
+// Start loading one visit: rows [m0, m0 + QROWS) of head h's cached queries, keys
+// [n0, n0 + KROWS) of its KV head (when load_k), and its offsets in log2 units (+inf past R);
+// one cp.async group. The offsets are stored directly: the barrier that publishes the
+// tiles publishes them too.
+template <typename T, int QROWS, int KROWS, int HD>
+__device__ __forceinline__ void issue_visit(T* sQ, T* sK, float* sOff, const DivParams& p, bool old, int b, int h,
+                                            int m0, int n0, bool load_k) {
+  const Side sd = side_of(p, old);
+  const int R = p.Tq - p.r0;
   const int64_t head = int64_t(b) * sd.H + h;
-  const T* q = static_cast<const T*>(sd.q) + (head * sd.rows + sd.row_off) * HD;
-  const T* k = static_cast<const T*>(sd.k) + (int64_t(b) * sd.HK + h / (sd.H / sd.HK)) * Tk * HD;
-  __syncthreads();  // the previous head's tiles are no longer read
-  load_tile<T, QROWS, HD>(sm.q, q, rq0, R);
-  load_tile<T, KROWS, HD>(sm.k, k, n0, Tk);
-  load_vec<QROWS>(sm.lse, sd.lse + head * sd.rows + sd.row_off, rq0, R, INFINITY);
-  __syncthreads();
+  load_tile_async<T, QROWS, HD>(sQ, static_cast<const T*>(sd.q) + (head * sd.q_rows + sd.q_row0) * HD, m0, R);
+  if (load_k) {
+    const int64_t kvh = int64_t(b) * sd.HK + kv_head(p, old, h);
+    load_tile_async<T, KROWS, HD>(sK, static_cast<const T*>(sd.k) + kvh * p.Tk * HD, n0, p.Tk);
+  }
+  cp_async_commit();
+  for (int i = threadIdx.x; i < QROWS; i += kThreads) sOff[i] = m0 + i < R ? sd.off[head * R + m0 + i] * kLog2e : INFINITY;
+}
+
+// acc += exp2(s2 - off2 + 100) on the support bits (bit t*4+e of C element (t, e)).
+// Row-major tiles take a row's offset per fragment row, key-major tiles per column.
+template <int NT, bool ROWS>
+__device__ __forceinline__ void add_scaled_policy(float (&acc)[NT][4], const float (&s)[NT][4], uint32_t supp,
+                                                  float scale2, const float* tOff) {
   const int warp = threadIdx.x / kWarpSize;
-  float s[NT][4];
-  zero(s);
-  if (RM)
-    gemm_nt<T, NT, HD>(s, sm.q + warp * 16 * LD, LD, sm.k, LD);
-  else
-    gemm_nt<T, NT, HD>(s, sm.k + warp * 16 * LD, LD, sm.q, LD);
-#pragma unroll
-  for (int t = 0; t < NT; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      if ((supp >> (t * 4 + e)) & 1u) {
-        const float lse = RM ? sm.lse[warp * 16 + frag_row(e)] : sm.lse[frag_col(t, e)];
-        acc[t][e] += expf(s[t][e] * sd.scale - lse);
-      }
-}
-
-// Mean over heads [h0, h0 + n) of their support-masked attention on the tile.
-template <typename T, int HD, int NT, bool RM>
-__device__ __forceinline__ void group_mean(float (&avg)[NT][4], uint32_t supp, const Smem<T>& sm, const Side& sd,
-                                           int b, int h0, int n, int rq0, int R, int n0, int Tk) {
-  zero(avg);
-  for (int hh = 0; hh < n; ++hh) head_alpha<T, HD, NT, RM>(avg, supp, sm, sd, b, h0 + hh, rq0, R, n0, Tk);
-  const float inv = 1.f / n;
-#pragma unroll
-  for (int t = 0; t < NT; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) avg[t][e] *= inv;
-}
-
-// Support bits (bit t*4+e of C element (t, e)) of a row-major tile: valid rows only.
-template <int NT>
-__device__ __forceinline__ uint32_t support_rows(const uint8_t* sKok, const int (&rr)[2], const bool (&valid)[2],
-                                                 int n0, const DivParams& p) {
-  uint32_t bits = 0;
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int r = e >> 1, jj = frag_col(t, e);
-      if (valid[r] && in_support(p.r0 + rr[r], n0 + jj, sKok[jj], p.Tq, p.Tk, p.causal, p.exclude_self))
-        bits |= 1u << (t * 4 + e);
+      const float off2 = ROWS ? tOff[warp * 16 + frag_row(e)] : tOff[frag_col(t, e)];
+      if ((supp >> (t * 4 + e)) & 1u) acc[t][e] += exp2f(s[t][e] * scale2 - off2 + kPolicyScale2);
     }
-  return bits;
 }
 
-// Support bits of a key-major tile (rows = keys from n0, columns = cached rows from m0).
-template <int NT>
-__device__ __forceinline__ uint32_t support_keys(const uint8_t* sKok, const uint8_t* sRowOk, int m0, int n0,
-                                                 const DivParams& p) {
+// The gradient factor of one head on a tile, in place of its scores:
+//   s <- scale * w pi_h (g - E) = scale * w pi^_h (coef - E 2^-100),
+// and the row sums of pi_h g = pi^_h coef into a_part (row-major only). e_w holds E and w
+// per fragment row (row-major) or per column (key-major, from shared memory).
+template <int NT, bool ROWS>
+__device__ __forceinline__ void head_grad(float (&s)[NT][4], const float (&coef)[NT][4], uint32_t supp, float scale2,
+                                          const float* tOff, const float (&e_row)[2], const float (&w_row)[2],
+                                          const float* sE, const float* sW, float scale, float (&a_part)[2]) {
   const int warp = threadIdx.x / kWarpSize;
-  uint32_t bits = 0;
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int kk = warp * 16 + frag_row(e), ii = frag_col(t, e);
-      if (sRowOk[ii] && in_support(p.r0 + m0 + ii, n0 + kk, sKok[kk], p.Tq, p.Tk, p.causal, p.exclude_self))
-        bits |= 1u << (t * 4 + e);
+      const int col = frag_col(t, e);
+      const float off2 = ROWS ? tOff[warp * 16 + frag_row(e)] : tOff[col];
+      const float pi = ((supp >> (t * 4 + e)) & 1u) ? exp2f(s[t][e] * scale2 - off2 + kPolicyScale2) : 0.f;
+      const float e_v = ROWS ? e_row[e >> 1] : sE[col], w_v = ROWS ? w_row[e >> 1] : sW[col];
+      a_part[e >> 1] += pi * coef[t][e];
+      s[t][e] = pi * (coef[t][e] - e_v * kPolicyUnscale) * (w_v * scale);
     }
-  return bits;
 }
 
-struct Carve {
-  char* p;
-  template <typename X> __device__ X* take(size_t n) {
-    X* out = reinterpret_cast<X*>(p);
-    p += n * sizeof(X);
-    return out;
-  }
-  template <typename T, int HD> __device__ Smem<T> tiles() {  // every kernel's Q, K tiles and lse
-    Smem<T> sm;
-    sm.q = take<T>(kB * (HD + kPad));
-    sm.k = take<T>(kB * (HD + kPad));
-    sm.lse = take<float>(kB);
-    return sm;
-  }
-};
-
-// Per-lane row bookkeeping of a row-major block (rows rr[0], rr[1] of the cached rows).
-struct RowState {
-  int rr[2];
-  bool valid[2];
-  float z[2], zo[2];
-  __device__ RowState(const DivParams& p, int bg, int m0) {
-    const int R = p.Tq - p.r0, lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+template <int NT> __device__ __forceinline__ void copy(float (&dst)[NT][4], const float (&src)[NT][4]) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      rr[r] = m0 + warp * 16 + lane / 4 + 8 * r;
-      const float zr = rr[r] < R ? p.z[int64_t(bg) * R + rr[r]] : 0.f;
-      const float zor = rr[r] < R ? p.z_old[int64_t(bg) * R + rr[r]] : 0.f;
-      valid[r] = rr[r] < R && zr > 0.f;
-      z[r] = valid[r] ? zr : 1.f;
-      zo[r] = valid[r] && zor > 0.f ? zor : 1.f;
-    }
-  }
-  // Exclusive end of the keys the block's rows see; 0 when none of them has a divergence.
-  __device__ int key_hi(const DivParams& p, int m0) const {
-    const int R = p.Tq - p.r0, last = m0 + kB < R ? m0 + kB : R;
-    return __syncthreads_or(valid[0] || valid[1]) ? key_end(p.r0 + last, p.Tq, p.Tk, p.causal) : 0;
-  }
-};
-
-// Row-major key tile n0 of group grp: its key flags, support bits and group means.
-template <typename T, int HD, int NT>
-__device__ __forceinline__ uint32_t row_tile(float (&abar)[NT][4], float (&bbar)[NT][4], const Smem<T>& sm,
-                                             uint8_t* sKok, const RowState& rs, const DivParams& p, int b, int grp,
-                                             int m0, int n0) {
-  const int R = p.Tq - p.r0, n = p.Hq / p.G, n_o = p.Ho / p.G;
-  __syncthreads();  // the previous tile's key flags are no longer read
-  load_key_ok<NT * 8>(sKok, p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr, n0, p.Tk);
-  __syncthreads();
-  const uint32_t supp = support_rows<NT>(sKok, rs.rr, rs.valid, n0, p);
-  group_mean<T, HD, NT, true>(abar, supp, sm, current_side(p), b, grp * n, n, m0, R, n0, p.Tk);
-  group_mean<T, HD, NT, true>(bbar, supp, sm, old_side(p), b, grp * n_o, n_o, m0, R, n0, p.Tk);
-  return supp;
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dst[t][e] = src[t][e];
 }
 
-template <typename T, int HD, int DIV>
-__global__ void __launch_bounds__(kThreads, 1) div_fwd_kernel(const DivParams p) {
-  constexpr int BN = inner_tile<HD>(), NT = BN / 8;
+template <typename T, int HD, int DIV, bool BWD>
+__global__ void __launch_bounds__(kThreads, 1) div_rows_kernel(const DivParams p) {
+  constexpr int BM = kBM, BN = row_tile_keys<HD>(), LD = HD + kPad, LDS = BN + kPad, NT = BN / 8, NV = HD / 8;
+  static_assert(NT * 4 <= 32, "support bits of a tile must fit 32 bits");
   RAL_DYN_SMEM(smem);
-  Carve c{smem};
-  const Smem<T> sm = c.tiles<T, HD>();
-  uint8_t* sKok = c.take<uint8_t>(kB);
+  T* sQ = reinterpret_cast<T*>(smem);  // stage s at + s * BM * LD
+  T* sK = sQ + 2 * BM * LD;            // stage s at + s * BN * LD
+  T* sDS = sK + 2 * BN * LD;           // backward: [BM rows][LDS]
+  float* sOff = reinterpret_cast<float*>(sDS + (BWD ? BM * LDS : 0));  // stage s at + s * BM
 
-  const int m0 = blockIdx.x * kB, bg = blockIdx.y, b = bg / p.G, grp = bg % p.G;
-  const int n = p.Hq / p.G, R = p.Tq - p.r0, lane = threadIdx.x % kWarpSize;
-  const RowState rs(p, bg, m0);
-  const int hi = rs.key_hi(p, m0);
+  const int m0 = blockIdx.x * BM, bg = blockIdx.y, b = bg / p.G, grp = bg % p.G, split = blockIdx.z;
+  const int R = p.Tq - p.r0, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const Visits vis(p.Hq / p.G, p.Ho / p.G, BWD);
+  const uint8_t* kmask = p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr;
+  const float scale2 = p.scale * kLog2e, old_scale2 = p.old_scale * kLog2e;
+  int rr[2], pos[2];
+  bool row_ok[2];
+  float e_row[2] = {0.f, 0.f}, w_row[2] = {0.f, 0.f};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    rr[r] = m0 + warp * 16 + lane / 4 + 8 * r;
+    pos[r] = p.r0 + rr[r];
+    row_ok[r] = rr[r] < R;
+    if (BWD && row_ok[r]) {
+      e_row[r] = p.e[int64_t(bg) * R + rr[r]];
+      w_row[r] = p.w[int64_t(bg) * R + rr[r]];
+    }
+  }
+  const int last = m0 + BM < R ? m0 + BM : R;
+  const int lo = split * p.split_keys;
+  int hi = key_end(p.r0 + last, p.Tq, p.Tk, p.causal);
+  hi = hi < lo + p.split_keys ? hi : lo + p.split_keys;
+  const int n_full = unmasked_end<BN>(p.r0 + m0, p.Tq, p.Tk, p.causal, p.exclude_self);
+  const int total = hi > lo ? (hi - lo + BN - 1) / BN * vis.per_tile : 0;
+  const bool atomic_rows = p.splits > 1;  // several blocks add to this block's rows of dq and A
 
-  float d_acc[2] = {0.f, 0.f}, e_acc[2] = {0.f, 0.f};
-  for (int n0 = 0; n0 < hi; n0 += BN) {
-    float gv[NT][4], bbar[NT][4];
-    const uint32_t supp = row_tile<T, HD, NT>(gv, bbar, sm, sKok, rs, p, b, grp, m0, n0);
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const float pp = gv[t][e] / rs.z[r], rp = bbar[t][e] / rs.zo[r];
-        float term, g;
-        div_terms<DIV>(pp, rp, term, g);
-        d_acc[r] += term;
-        e_acc[r] += pp * g;
-        gv[t][e] = g;
-      }
-    for (int hh = 0; hh < n; ++hh) {
-      const int h = grp * n + hh;
-      float alpha[NT][4];
-      zero(alpha);
-      head_alpha<T, HD, NT, true>(alpha, supp, sm, current_side(p), b, h, m0, R, n0, p.Tk);
-      float sa[2] = {0.f, 0.f};
+  float d_acc[2] = {0.f, 0.f}, e_acc[2] = {0.f, 0.f}, m_acc[2] = {0.f, 0.f};
+  float p_hat[NT][4], r_hat[NT][4], s_keep[NT][4];  // backward: p_hat holds coef after the sums
+  uint32_t supp = 0;
+  int q_slot = 0, k_slot = 0;
+  if (total > 0) issue_visit<T, BM, BN, HD>(sQ, sK, sOff, p, vis.old(0), b, vis.head(grp, 0), m0, lo, true);
+  for (int idx = 0; idx < total; ++idx) {
+    const int j = idx % vis.per_tile, n0 = lo + idx / vis.per_tile * BN;
+    const bool old = vis.old(j);
+    const int h = vis.head(grp, j);
+    cp_async_wait<0>();
+    // This visit's tiles are visible to every warp, and every warp is done with the last
+    // visit (its dS tile too), so the stage the next load takes is free.
+    __syncthreads();  // RAL_RELEASE_BARRIER(div_rows)
+    const T* tQ = sQ + q_slot * BM * LD;
+    const T* tK = sK + k_slot * BN * LD;
+    const float* tOff = sOff + q_slot * BM;
+    bool load_q = false, load_k = false;
+    if (idx + 1 < total) {
+      const int j1 = (idx + 1) % vis.per_tile;
+      const bool old1 = vis.old(j1);
+      const int h1 = vis.head(grp, j1);
+      load_q = !vis.reuse(j1);
+      load_k = load_q && (j1 == 0 || old1 != old || kv_head(p, old1, h1) != kv_head(p, old, h));
+      if (load_q)
+        issue_visit<T, BM, BN, HD>(sQ + (q_slot ^ 1) * BM * LD, sK + (k_slot ^ int(load_k)) * BN * LD,
+                                   sOff + (q_slot ^ 1) * BM, p, old1, b, h1, m0, lo + (idx + 1) / vis.per_tile * BN,
+                                   load_k);
+    }
+
+    if (j == 0) {
+      supp = 0;
 #pragma unroll
       for (int t = 0; t < NT; ++t)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) sa[e >> 1] += alpha[t][e] * gv[t][e];
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1, jk = n0 + frag_col(t, e);
+          const bool kok = key_ok_at(kmask, jk, p.Tk);
+          const bool ok = n0 + BN > n_full ? in_support(pos[r], jk, kok, p.Tq, p.Tk, p.causal, p.exclude_self) : kok;
+          if (row_ok[r] && ok) supp |= 1u << (t * 4 + e);
+        }
+      zero(p_hat);
+      zero(r_hat);
+    }
+    float s[NT][4];
+    if (BWD && vis.reuse(j)) {
+      copy(s, s_keep);
+    } else {
+      zero(s);
+      gemm_nt<T, NT, HD>(s, tQ + warp * 16 * LD, LD, tK, LD);
+    }
+    if (!vis.grad(j)) {
+      if (old) {
+        add_scaled_policy<NT, true>(r_hat, s, supp, old_scale2, tOff);
+      } else {
+        add_scaled_policy<NT, true>(p_hat, s, supp, scale2, tOff);
+        if (BWD && vis.last_sum(j)) copy(s_keep, s);
+      }
+      if (vis.last_sum(j)) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (!((supp >> (t * 4 + e)) & 1u)) continue;
+            float term, pg, coef;
+            policy_terms<DIV>(p_hat[t][e], r_hat[t][e], term, pg, coef);
+            if (BWD) {
+              p_hat[t][e] = coef;
+            } else {
+              d_acc[e >> 1] += term;
+              e_acc[e >> 1] += pg;
+              m_acc[e >> 1] += r_hat[t][e] * kPolicyUnscale;
+            }
+          }
+      }
+    } else if (BWD) {
+      const int64_t hq = int64_t(b) * p.Hq + h;
+      float a_part[2] = {0.f, 0.f};
+      head_grad<NT, true>(s, p_hat, supp, scale2, tOff, e_row, w_row, nullptr, nullptr, p.scale, a_part);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        sa[r] = quad_sum(sa[r]);
-        if (lane % 4 == 0 && rs.rr[r] < R) p.a[(int64_t(b) * p.Hq + h) * R + rs.rr[r]] += sa[r];
+        const float a = quad_sum(a_part[r]);
+        if (lane % 4 != 0 || !row_ok[r]) continue;
+        float* dst = p.a + hq * R + rr[r];
+        if (atomic_rows)
+          atomicAdd(dst, a);
+        else
+          *dst += a;
+      }
+      {  // dq rows += dS K
+        float upd[NV][4];
+        zero(upd);
+        gemm_pn<T, NT, NV>(upd, s, tK, LD);
+        add_rows_f32<NV>(p.dq + (hq * p.Tq + p.r0) * HD, HD, upd, m0 + warp * 16, R, 1.f, atomic_rows);
+      }
+      if (!p.deterministic) {  // dk keys += dS^T Q, read back transposed from shared memory
+        constexpr int WK = BN / 16, WC = kWarps / WK, NC = NV / WC;
+        static_assert(WK * WC == kWarps && NC % 2 == 0, "warps must tile the dk update");
+        store_frag<T, NT>(sDS, LDS, s, warp * 16);
+        __syncthreads();  // the dS tile is complete
+        const int kw = warp % WK, cw = warp / WK;
+        float upd[NC][4];
+        zero(upd);
+        gemm_tn<T, BM, NC>(upd, sDS + kw * 16, LDS, tQ + cw * NC * 8, LD);
+        const int64_t kvh = int64_t(b) * p.Hk + kv_head(p, false, h);
+        add_rows_f32<NC>(p.dk + kvh * p.Tk * HD + cw * NC * 8, HD, upd, n0 + kw * 16, p.Tk, 1.f, true);
       }
     }
+    q_slot ^= int(load_q);  // the stages of the next visit
+    k_slot ^= int(load_k);
   }
+  if (!BWD) {
+    const int64_t out0 = (int64_t(split) * p.B * p.G + bg) * R;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float d = quad_sum(d_acc[r]), e = quad_sum(e_acc[r]);
-    if (lane % 4 != 0 || rs.rr[r] >= R) continue;
-    p.div[int64_t(bg) * p.Tq + p.r0 + rs.rr[r]] = rs.valid[r] ? d : 0.f;
-    p.e_out[int64_t(bg) * R + rs.rr[r]] = rs.valid[r] ? e : 0.f;
-  }
-}
-
-// G = w (g - E) / Z on the support of a tile, from the group means (in place in `abar`).
-template <int DIV, int NT>
-__device__ __forceinline__ void big_g(float (&abar)[NT][4], const float (&bbar)[NT][4], uint32_t supp, int t, int e,
-                                      float z, float zo, float e_row, float w) {
-  float term, g;
-  div_terms<DIV>(abar[t][e] / z, bbar[t][e] / zo, term, g);
-  abar[t][e] = ((supp >> (t * 4 + e)) & 1u) ? (g - e_row) / z * w : 0.f;
-}
-
-// acc += alpha * G * scale, then dst[row] += (that) B for the warp's 16 rows (fp32 RMW).
-template <typename T, int HD, int NT>
-__device__ __forceinline__ void add_ds_times(float* dst, int row0, int nrows, float (&alpha)[NT][4],
-                                             const float (&gg)[NT][4], float scale, const T* sB) {
-  constexpr int NV = HD / 8;
-#pragma unroll
-  for (int t = 0; t < NT; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) alpha[t][e] *= gg[t][e] * scale;
-  float upd[NV][4];
-  zero(upd);
-  gemm_pn<T, NT, NV>(upd, alpha, sB, HD + kPad);
-  store_rows_f32<NV, HD, true>(dst, upd, row0, nrows, 1.f);
-}
-
-template <typename T, int HD, int DIV>
-__global__ void __launch_bounds__(kThreads, 1) div_bwd_rows_kernel(const DivParams p) {
-  constexpr int BN = inner_tile<HD>(), NT = BN / 8;
-  RAL_DYN_SMEM(smem);
-  Carve c{smem};
-  const Smem<T> sm = c.tiles<T, HD>();
-  uint8_t* sKok = c.take<uint8_t>(kB);
-
-  const int m0 = blockIdx.x * kB, bg = blockIdx.y, b = bg / p.G, grp = bg % p.G;
-  const int n = p.Hq / p.G, R = p.Tq - p.r0, warp = threadIdx.x / kWarpSize;
-  const RowState rs(p, bg, m0);
-  float e_row[2], w[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    e_row[r] = rs.valid[r] ? p.e[int64_t(bg) * R + rs.rr[r]] : 0.f;
-    w[r] = rs.valid[r] ? p.w[int64_t(bg) * R + rs.rr[r]] : 0.f;
-  }
-  const int hi = rs.key_hi(p, m0);
-
-  for (int n0 = 0; n0 < hi; n0 += BN) {
-    float gg[NT][4], bbar[NT][4];
-    const uint32_t supp = row_tile<T, HD, NT>(gg, bbar, sm, sKok, rs, p, b, grp, m0, n0);
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        big_g<DIV, NT>(gg, bbar, supp, t, e, rs.z[r], rs.zo[r], e_row[r], w[r]);
-      }
-    for (int hh = 0; hh < n; ++hh) {
-      const int h = grp * n + hh;
-      float alpha[NT][4];
-      zero(alpha);
-      head_alpha<T, HD, NT, true>(alpha, supp, sm, current_side(p), b, h, m0, R, n0, p.Tk);  // sm.k = K tile of h
-      float* dq = p.dq + ((int64_t(b) * p.Hq + h) * p.Tq + p.r0) * HD;
-      add_ds_times<T, HD, NT>(dq, m0 + warp * 16, R, alpha, gg, p.scale, sm.k);
+    for (int r = 0; r < 2; ++r) {
+      const float d = quad_sum(d_acc[r]), e = quad_sum(e_acc[r]), m = quad_sum(m_acc[r]);
+      if (lane % 4 != 0 || !row_ok[r]) continue;
+      p.div_part[out0 + rr[r]] = d;
+      p.e_part[out0 + rr[r]] = e;
+      p.mass_part[out0 + rr[r]] = m;
     }
   }
 }
 
-template <typename T, int HD, int DIV>
-__global__ void __launch_bounds__(kThreads, 1) div_bwd_keys_kernel(const DivParams p) {
-  constexpr int BM = inner_tile<HD>(), NT = BM / 8;
-  RAL_DYN_SMEM(smem);
-  Carve c{smem};
-  const Smem<T> sm = c.tiles<T, HD>();
-  float* sZ = c.take<float>(kB);
-  float* sZo = c.take<float>(kB);
-  float* sE = c.take<float>(kB);
-  float* sW = c.take<float>(kB);
-  uint8_t* sKok = c.take<uint8_t>(kB);
-  uint8_t* sRowOk = c.take<uint8_t>(kB);
+// E and w of rows [m0, m0 + BM) of group row bg (0 past R), stored directly (published by the
+// next visit's barrier).
+template <int BM>
+__device__ __forceinline__ void load_e_w(float* dst, const DivParams& p, int64_t bg, int m0) {
+  const int R = p.Tq - p.r0;
+  for (int i = threadIdx.x; i < BM; i += kThreads) {
+    const bool ok = m0 + i < R;
+    dst[i] = ok ? p.e[bg * R + m0 + i] : 0.f;
+    dst[BM + i] = ok ? p.w[bg * R + m0 + i] : 0.f;
+  }
+}
 
-  const bool per_head = p.G > 1;  // "none": one group per head, the block owns one KV head
-  const int n0 = blockIdx.x * kB, gqa = p.Hq / p.Hk;
+// dk[kv head][keys of this warp] += acc (the block owns these keys), then acc = 0.
+template <int NV, int HD>
+__device__ __forceinline__ void flush_dk(float (&acc)[NV][4], const DivParams& p, int b, int kvh, int n0) {
+  const int warp = threadIdx.x / kWarpSize;
+  add_rows_f32<NV>(p.dk + (int64_t(b) * p.Hk + kvh) * p.Tk * HD, HD, acc, n0 + warp * 16, p.Tk, 1.f, false);
+  zero(acc);
+}
+
+// dk of one block of 64 keys for its owner (the batch, or one KV head for per-head
+// reductions), added once per KV head: the deterministic backward. Tiles are transposed:
+// rows = the block's keys (16 per warp), columns = cached query rows.
+template <typename T, int HD, int DIV>
+__global__ void __launch_bounds__(kThreads, 1) div_keys_kernel(const DivParams p) {
+  constexpr int BN = kKeyBlock, BM = key_tile_rows<HD>(), LD = HD + kPad, NM = BM / 8, NV = HD / 8;
+  static_assert(NM * 4 <= 32, "support bits of a tile must fit 32 bits");
+  RAL_DYN_SMEM(smem);
+  T* sQ = reinterpret_cast<T*>(smem);                         // stage s at + s * BM * LD
+  T* sK = sQ + 2 * BM * LD;                                   // stage s at + s * BN * LD
+  float* sOff = reinterpret_cast<float*>(sK + 2 * BN * LD);  // stage s at + s * BM
+  float* sEW = sOff + 2 * BM;                                 // row tile c: E, w at + (c & 1) * 2 * BM
+
+  const bool per_head = p.G > 1;  // "none": groups are single heads; the block owns one KV head
+  const int n0 = blockIdx.x * BN, gqa = p.Hq / p.Hk;
   const int b = per_head ? blockIdx.y / p.Hk : blockIdx.y;
-  const int grp_lo = per_head ? (blockIdx.y % p.Hk) * gqa : 0, grp_hi = per_head ? grp_lo + gqa : 1;
-  const int n = p.Hq / p.G, n_o = p.Ho / p.G, R = p.Tq - p.r0, warp = threadIdx.x / kWarpSize;
-  const Side cur = current_side(p), old = old_side(p);
-  load_key_ok<kB>(sKok, p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr, n0, p.Tk);
+  const int grp_lo = per_head ? (blockIdx.y % p.Hk) * gqa : 0, n_grp = per_head ? gqa : 1;
+  const int R = p.Tq - p.r0, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const Visits vis(p.Hq / p.G, p.Ho / p.G, true);
+  const uint8_t* kmask = p.kmask ? p.kmask + int64_t(b) * p.Tk : nullptr;
+  const float scale2 = p.scale * kLog2e, old_scale2 = p.old_scale * kLog2e;
+  int key[2];
+  bool kok[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    key[r] = n0 + warp * 16 + lane / 4 + 8 * r;
+    kok[r] = key_ok_at(kmask, key[r], p.Tk);
+  }
   int m_lo = 0;
   if (p.causal) {  // cached rows that see this key block: r0 + m >= n0 - (Tk - Tq)
     m_lo = n0 - (p.Tk - p.Tq) - p.r0;
     m_lo = m_lo < 0 ? 0 : m_lo / BM * BM;
   }
-  for (int grp = grp_lo; grp < grp_hi; ++grp) {
-    const int64_t bg = int64_t(b) * p.G + grp;
-    for (int m0 = m_lo; m0 < R; m0 += BM) {
-      __syncthreads();  // the previous tile's row statistics are no longer read
-      int ok = 0;
-      if (threadIdx.x < BM) {
-        const int rr = m0 + threadIdx.x;
-        const float z = rr < R ? p.z[bg * R + rr] : 0.f, zo = rr < R ? p.z_old[bg * R + rr] : 0.f;
-        ok = rr < R && z > 0.f;
-        sRowOk[threadIdx.x] = ok;
-        sZ[threadIdx.x] = ok ? z : 1.f;
-        sZo[threadIdx.x] = ok && zo > 0.f ? zo : 1.f;
-        sE[threadIdx.x] = ok ? p.e[bg * R + rr] : 0.f;
-        sW[threadIdx.x] = ok ? p.w[bg * R + rr] : 0.f;
-      }
-      if (!__syncthreads_or(ok)) continue;
-      const uint32_t supp = support_keys<NT>(sKok, sRowOk, m0, n0, p);
-      float gg[NT][4], bbar[NT][4];
-      group_mean<T, HD, NT, false>(gg, supp, sm, cur, b, grp * n, n, m0, R, n0, p.Tk);
-      group_mean<T, HD, NT, false>(bbar, supp, sm, old, b, grp * n_o, n_o, m0, R, n0, p.Tk);
+  const int n_rt = R > m_lo ? (R - m_lo + BM - 1) / BM : 0;
+  const int total = n_grp * n_rt * vis.per_tile;
+
+  float p_hat[NM][4], r_hat[NM][4], s_keep[NM][4], dk[NV][4];  // p_hat holds coef after the sums
+  zero(dk);
+  int dk_head = -1;  // the KV head dk accumulates for
+  uint32_t supp = 0;
+  int q_slot = 0, k_slot = 0;
+  if (total > 0) {
+    issue_visit<T, BM, BN, HD>(sQ, sK, sOff, p, vis.old(0), b, vis.head(grp_lo, 0), m_lo, n0, true);
+    load_e_w<BM>(sEW, p, int64_t(b) * p.G + grp_lo, m_lo);
+  }
+  for (int idx = 0; idx < total; ++idx) {
+    const int c = idx / vis.per_tile, j = idx % vis.per_tile;  // row tile counter, visit
+    const int grp = grp_lo + c / n_rt, m0 = m_lo + c % n_rt * BM;
+    const bool old = vis.old(j);
+    const int h = vis.head(grp, j);
+    cp_async_wait<0>();
+    // This visit's tiles are visible to every warp, and every warp is done with the last
+    // visit, so the stage the next load takes is free.
+    __syncthreads();  // RAL_RELEASE_BARRIER(div_keys)
+    const T* tQ = sQ + q_slot * BM * LD;
+    const T* tK = sK + k_slot * BN * LD;
+    const float* tOff = sOff + q_slot * BM;
+    const float* sE = sEW + (c & 1) * 2 * BM;
+    bool load_q = false, load_k = false;
+    if (idx + 1 < total) {
+      const int c1 = (idx + 1) / vis.per_tile, j1 = (idx + 1) % vis.per_tile;
+      const int grp1 = grp_lo + c1 / n_rt, m1 = m_lo + c1 % n_rt * BM;
+      const bool old1 = vis.old(j1);
+      const int h1 = vis.head(grp1, j1);
+      load_q = !vis.reuse(j1);
+      load_k = load_q && (old1 != old || kv_head(p, old1, h1) != kv_head(p, old, h));  // the block's keys stay
+      if (load_q)
+        issue_visit<T, BM, BN, HD>(sQ + (q_slot ^ 1) * BM * LD, sK + (k_slot ^ int(load_k)) * BN * LD,
+                                   sOff + (q_slot ^ 1) * BM, p, old1, b, h1, m1, n0, load_k);
+      if (j1 == 0) load_e_w<BM>(sEW + (c1 & 1) * 2 * BM, p, int64_t(b) * p.G + grp1, m1);
+    }
+
+    if (j == 0) {
+      const bool masked = n0 + BN > p.Tk || p.exclude_self || (p.causal && p.r0 + m0 + p.Tk - p.Tq < n0 + BN - 1);
+      supp = 0;
 #pragma unroll
-      for (int t = 0; t < NT; ++t)
+      for (int t = 0; t < NM; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int ii = frag_col(t, e);
-          big_g<DIV, NT>(gg, bbar, supp, t, e, sZ[ii], sZo[ii], sE[ii], sW[ii]);
+          const int r = e >> 1, row = m0 + frag_col(t, e);
+          const bool ok = masked ? in_support(p.r0 + row, key[r], kok[r], p.Tq, p.Tk, p.causal, p.exclude_self) : kok[r];
+          if (row < R && ok) supp |= 1u << (t * 4 + e);
         }
-      for (int hh = 0; hh < n; ++hh) {
-        const int h = grp * n + hh;
-        float alpha[NT][4];
-        zero(alpha);
-        head_alpha<T, HD, NT, false>(alpha, supp, sm, cur, b, h, m0, R, n0, p.Tk);  // sm.q = Q rows of h
-        float* dk = p.dk + (int64_t(b) * p.Hk + h / gqa) * p.Tk * HD;
-        add_ds_times<T, HD, NT>(dk, n0 + warp * 16, p.Tk, alpha, gg, p.scale, sm.q);
-      }
+      zero(p_hat);
+      zero(r_hat);
     }
+    float s[NM][4];  // S^T: this warp's 16 keys x BM rows
+    if (vis.reuse(j)) {
+      copy(s, s_keep);
+    } else {
+      zero(s);
+      gemm_nt<T, NM, HD>(s, tK + warp * 16 * LD, LD, tQ, LD);
+    }
+    if (!vis.grad(j)) {
+      if (old) {
+        add_scaled_policy<NM, false>(r_hat, s, supp, old_scale2, tOff);
+      } else {
+        add_scaled_policy<NM, false>(p_hat, s, supp, scale2, tOff);
+        if (vis.last_sum(j)) copy(s_keep, s);
+      }
+      if (vis.last_sum(j)) {
+#pragma unroll
+        for (int t = 0; t < NM; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float term, pg, coef = 0.f;
+            if ((supp >> (t * 4 + e)) & 1u) policy_terms<DIV>(p_hat[t][e], r_hat[t][e], term, pg, coef);
+            p_hat[t][e] = coef;
+          }
+      }
+    } else {
+      const float none[2] = {0.f, 0.f};
+      float a_unused[2] = {0.f, 0.f};
+      head_grad<NM, false>(s, p_hat, supp, scale2, tOff, none, none, sE, sE + BM, p.scale, a_unused);
+      const int kvh = kv_head(p, false, h);
+      if (kvh != dk_head) {
+        if (dk_head >= 0) flush_dk<NV, HD>(dk, p, b, dk_head, n0);
+        dk_head = kvh;
+      }
+      gemm_pn<T, NM, NV>(dk, s, tQ, LD);  // dk (16 keys x HD) += dS^T Q
+    }
+    q_slot ^= int(load_q);  // the stages of the next visit
+    k_slot ^= int(load_k);
   }
+  if (dk_head >= 0) flush_dk<NV, HD>(dk, p, b, dk_head, n0);
 }
 
 template <typename F> cudaError_t with_kernels(const DivParams& p, F&& f) {
@@ -364,36 +457,42 @@ template <typename F> cudaError_t with_kernels(const DivParams& p, F&& f) {
     return dispatch_div(p.divergence, [&](auto div_tag) -> cudaError_t {
       using T = decltype(t_tag);
       constexpr int HD = decltype(hd_tag)::value, DIV = decltype(div_tag)::value;
-      return f(div_fwd_kernel<T, HD, DIV>, div_bwd_rows_kernel<T, HD, DIV>, div_bwd_keys_kernel<T, HD, DIV>,
-               div_smem(HD));
+      return f(div_rows_kernel<T, HD, DIV, false>, div_rows_kernel<T, HD, DIV, true>, div_keys_kernel<T, HD, DIV>,
+               rows_smem<HD>(false), rows_smem<HD>(true), keys_smem<HD>());
     });
   });
+}
+
+bool bad_splits(const DivParams& p) {
+  return p.splits < 1 || p.split_keys < 1 || int64_t(p.splits) * p.split_keys < p.Tk || p.splits > 65535;
 }
 
 }  // namespace
 
 cudaError_t div_fwd(const DivParams& p, cudaStream_t stream) {
   const int R = p.Tq - p.r0;
-  if (R <= 0 || p.B == 0) return cudaSuccess;
-  return with_kernels(p, [&](auto fwd, auto, auto, size_t smem) -> cudaError_t {
+  if (R <= 0 || p.B == 0 || p.G == 0) return cudaSuccess;
+  if (bad_splits(p)) return cudaErrorInvalidValue;
+  return with_kernels(p, [&](auto fwd, auto, auto, size_t smem, size_t, size_t) -> cudaError_t {
     cudaError_t err = set_smem(fwd, smem);
     if (err != cudaSuccess) return err;
-    RAL_LAUNCH(fwd, dim3((R + kB - 1) / kB, p.B * p.G), dim3(kThreads), smem, stream, p);
+    RAL_LAUNCH(fwd, dim3((R + kBM - 1) / kBM, p.B * p.G, p.splits), dim3(kThreads), smem, stream, p);
     return cudaGetLastError();
   });
 }
 
 cudaError_t div_bwd(const DivParams& p, cudaStream_t stream) {
   const int R = p.Tq - p.r0;
-  if (R <= 0 || p.B == 0) return cudaSuccess;
-  return with_kernels(p, [&](auto, auto rows, auto keys, size_t smem) -> cudaError_t {
-    cudaError_t err = set_smem(rows, smem);
-    if (err == cudaSuccess) err = set_smem(keys, smem);
+  if (R <= 0 || p.B == 0 || p.G == 0) return cudaSuccess;
+  if (bad_splits(p) || (p.deterministic && p.splits != 1)) return cudaErrorInvalidValue;
+  return with_kernels(p, [&](auto, auto rows, auto keys, size_t, size_t rows_bytes, size_t keys_bytes) -> cudaError_t {
+    cudaError_t err = set_smem(rows, rows_bytes);
+    if (err == cudaSuccess) err = set_smem(keys, keys_bytes);
     if (err != cudaSuccess) return err;
-    RAL_LAUNCH(rows, dim3((R + kB - 1) / kB, p.B * p.G), dim3(kThreads), smem, stream, p);
-    if ((err = cudaGetLastError()) != cudaSuccess || p.Tk == 0) return err;
+    RAL_LAUNCH(rows, dim3((R + kBM - 1) / kBM, p.B * p.G, p.splits), dim3(kThreads), rows_bytes, stream, p);
+    if ((err = cudaGetLastError()) != cudaSuccess || !p.deterministic || p.Tk == 0) return err;
     const int owners = p.G > 1 ? p.B * p.Hk : p.B;
-    RAL_LAUNCH(keys, dim3((p.Tk + kB - 1) / kB, owners), dim3(kThreads), smem, stream, p);
+    RAL_LAUNCH(keys, dim3((p.Tk + kKeyBlock - 1) / kKeyBlock, owners), dim3(kThreads), keys_bytes, stream, p);
     return cudaGetLastError();
   });
 }

@@ -1,6 +1,7 @@
 // Device building blocks shared by the kernels: 16-bit conversions, the m16n8k16
 // tensor-core MMA (mma.sync on sm_80+; emulated lane by lane under RAL_CPU_EMULATION),
-// warp-level GEMMs on shared-memory tiles, quad reductions, masks and the divergence terms.
+// warp-level GEMMs on shared-memory tiles, quad reductions, masks, log2-unit helpers and
+// the divergence's pointwise terms.
 //
 // Fragment layout of mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with
 // g = lane / 4 and c = lane % 4:
@@ -38,8 +39,15 @@ constexpr int kWarpSize = 32;
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kPad = 8;  // shared rows are HD + 8 halves: 16-byte aligned, rotates banks
-constexpr float kTiny = 1.1754943508222875e-38f;  // smallest normal float, as in _semantics
 constexpr unsigned kFull = 0xffffffffu;
+// Scores are formed in log2 units (s2 = q.k * scale * log2(e)), so every exponential is an
+// exp2 with the scale folded in; statistics in memory are natural logs.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// Policies are summed over heads as p * 2^100 (p <= 1, so no overflow), which keeps log p
+// exact down to p ~ 2^-249 instead of float32's normal range (as the Triton kernels do).
+constexpr float kPolicyScale2 = 100.f;
+constexpr float kPolicyUnscale = 0x1p-100f;
 
 // ------------------------------------------------------------------ 16-bit types
 
@@ -190,6 +198,27 @@ __device__ __forceinline__ void gemm_pn(float (&acc)[NT][4], const float (&p)[NK
   }
 }
 
+// acc[t] += A[16 x KD] * B[KD x NT*8] with A stored transposed in shared memory (At[k][m]
+// at sAt + k * lda + m, the warp's 16 columns m from sAt) and B row-major (sB[k][n]): the
+// transposed products dK += dS^T Q and dQ += dS K from a dS tile written the other way round.
+template <typename T, int KD, int NT>
+__device__ __forceinline__ void gemm_tn(float (&acc)[NT][4], const T* sAt, int lda, const T* sB, int ldb) {
+  static_assert(KD % 16 == 0 && NT % 2 == 0, "K must be a multiple of 16, n-tiles come in pairs");
+  const int lane = threadIdx.x % kWarpSize, mi = lane / 8, ri = lane % 8;
+#pragma unroll
+  for (int ks = 0; ks < KD / 16; ++ks) {
+    uint32_t a[4];  // transposed loads of At's 8x8 blocks (k 0-7 | 8-15) x (m 0-7 | 8-15)
+    ldmatrix_x4<true>(a, sAt + (ks * 16 + ri + 8 * (mi >> 1)) * lda + 8 * (mi & 1));
+#pragma unroll
+    for (int t = 0; t < NT; t += 2) {
+      uint32_t b[4];
+      ldmatrix_x4<true>(b, sB + (ks * 16 + ri + 8 * (mi & 1)) * ldb + t * 8 + 8 * (mi >> 1));
+      mma_16816<T>(acc[t], a, {b[0], b[1]});
+      mma_16816<T>(acc[t + 1], a, {b[2], b[3]});
+    }
+  }
+}
+
 template <int NT> __device__ __forceinline__ void zero(float (&x)[NT][4]) {
 #pragma unroll
   for (int t = 0; t < NT; ++t)
@@ -306,25 +335,45 @@ __device__ __forceinline__ void issue_kv(T* stage, uint8_t* key_ok, const T* k, 
   cp_async_commit();
 }
 
-// dst[row] (=, or += with ADD) mul * acc for the warp's 16 rows from row0 (fp32, rows past
-// nrows skipped); acc holds C fragments over NT * 8 columns.
-template <int NT, int HD, bool ADD>
-__device__ __forceinline__ void store_rows_f32(float* dst, const float (&acc)[NT][4], int row0, int nrows, float mul) {
+// dst[row][col] += mul * acc for the warp's 16 rows from row0 (rows past nrows skipped) and
+// NT * 8 columns from dst's column 0 (fp32, leading dim ld): atomically when several blocks
+// add to these rows, else a plain read-modify-write by the block that owns them.
+template <int NT>
+__device__ __forceinline__ void add_rows_f32(float* dst, int ld, const float (&acc)[NT][4], int row0, int nrows,
+                                             float mul, bool atomic) {
   const int lane = threadIdx.x % kWarpSize;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + lane / 4 + 8 * r;
     if (row >= nrows) continue;
-    float* o = dst + int64_t(row) * HD + 2 * (lane % 4);
+    float* o = dst + int64_t(row) * ld + 2 * (lane % 4);
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      o[t * 8] = (ADD ? o[t * 8] : 0.f) + acc[t][2 * r] * mul;
-      o[t * 8 + 1] = (ADD ? o[t * 8 + 1] : 0.f) + acc[t][2 * r + 1] * mul;
-    }
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        if (atomic)
+          atomicAdd(o + t * 8 + c, acc[t][2 * r + c] * mul);
+        else
+          o[t * 8 + c] += acc[t][2 * r + c] * mul;
+      }
   }
 }
 
-// ------------------------------------------------------------------ masks and terms
+// A C-fragment tile (the warp's 16 rows from row0 of a [rows][ld] tile) rounded to T into
+// shared memory: the dS tiles that a transposed product (gemm_tn) reads back.
+template <typename T, int NT>
+__device__ __forceinline__ void store_frag(T* dst, int ld, const float (&x)[NT][4], int row0) {
+  const int lane = threadIdx.x % kWarpSize;
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      *reinterpret_cast<uint32_t*>(dst + (row0 + lane / 4 + 8 * r) * ld + t * 8 + 2 * (lane % 4)) =
+          pack2<T>(x[t][2 * r], x[t][2 * r + 1]);
+    }
+}
+
+// ------------------------------------------------------------------ masks
 
 // allowed(i, j) (SPEC: key mask and bottom-right causal) for query position i, given that
 // key j exists and passes the key mask (key_ok).
@@ -343,25 +392,55 @@ __device__ __forceinline__ int key_end(int pos_end, int Tq, int Tk, bool causal)
   return hi < 0 ? 0 : (hi > Tk ? Tk : hi);
 }
 
-// Pointwise divergence term t and g = dD/dp; zero where p = r = 0 (off the support).
+// Keys below this multiple of BN exist, are allowed by the causal mask for every query
+// position >= pos_first and are none of those positions' own key: their tiles need only the
+// key mask. With a held own key and no causal mask the own keys may lie in any tile.
+template <int BN>
+__device__ __forceinline__ int unmasked_end(int pos_first, int Tq, int Tk, bool causal, bool self_anywhere) {
+  if (!causal) return self_anywhere ? 0 : Tk / BN * BN;
+  const int hi = pos_first + Tk - Tq;
+  return (hi < 0 ? 0 : (hi > Tk ? Tk : hi)) / BN * BN;
+}
+
+// Key flags of key j (exists, passes the key mask) read straight from global memory.
+__device__ __forceinline__ bool key_ok_at(const uint8_t* kmask_row, int j, int Tk) {
+  return j < Tk && (kmask_row == nullptr || kmask_row[j] != 0);
+}
+
+// ------------------------------------------------------------------ log space
+
+// log2(2^a + 2^b), -inf when both are -inf; NaN propagates.
+__device__ __forceinline__ float logaddexp2(float a, float b) {
+  const float m = fmaxf(a, b);
+  if (m == -INFINITY) return -INFINITY;
+  return m + log2f(exp2f(a - m) + exp2f(b - m));
+}
+
+// The divergence's pointwise quantities at one support key, from the scaled policies
+// p^ = p 2^100 and r^ (sums over a group's heads of exp2(s2_h - off2_h + 100)): the term t
+// (D = sum_S t), p g (E = sum_S p g, g = dD/dp) and coef = g 2^-100, so that pi^_h coef =
+// pi_h g. Logs come from log2(p^) - 100: exact where p underflows float32's normal range,
+// no clamp, 0 log 0 = 0; a NaN input propagates. Codes as in _semantics.log_policy_terms.
 template <int DIV>
-__device__ __forceinline__ void div_terms(float p, float r, float& t, float& g) {
-  if (!(p > 0.f || r > 0.f)) {
-    t = 0.f;
-    g = 0.f;
-    return;
-  }
-  const float log_p = logf(fmaxf(p, kTiny)), log_r = logf(fmaxf(r, kTiny));
+__device__ __forceinline__ void policy_terms(float p_hat, float r_hat, float& t, float& pg, float& coef) {
+  const float p = p_hat * kPolicyUnscale, r = r_hat * kPolicyUnscale;
+  const float lp2 = p_hat == 0.f ? -INFINITY : log2f(p_hat) - kPolicyScale2;
+  const float lr2 = r_hat == 0.f ? -INFINITY : log2f(r_hat) - kPolicyScale2;
   if (DIV == kJSD) {
-    const float log_m = logf(fmaxf((p + r) * 0.5f, kTiny));
-    t = 0.5f * (p * (log_p - log_m) + r * (log_r - log_m));
-    g = 0.5f * (log_p - log_m);
-  } else if (DIV == kKL) {
-    t = r * (log_r - log_p);
-    g = -__fdividef(r, fmaxf(p, kTiny));  // p <= 1: the fast division is exact to 2 ulp here
-  } else {
-    t = p * (log_p - log_r);
-    g = log_p - log_r + 1.f;
+    const float lm2 = logaddexp2(lp2, lr2) - 1.f;  // m = (p + r) / 2
+    const float gp = 0.5f * kLn2 * (lp2 - lm2), gr = 0.5f * kLn2 * (lr2 - lm2);
+    pg = p_hat == 0.f ? 0.f : p * gp;
+    t = pg + (r_hat == 0.f ? 0.f : r * gr);
+    coef = p_hat == 0.f ? 0.f : gp * kPolicyUnscale;
+  } else if (DIV == kKL) {  // KL(old || new) = sum r log(r / p)
+    t = r_hat == 0.f ? 0.f : r * kLn2 * (lr2 - lp2);
+    pg = -r;
+    coef = p_hat == 0.f ? 0.f : -(r_hat / p_hat) * kPolicyUnscale;
+  } else {  // KL(new || old) = sum p log(p / r)
+    const float lpr = kLn2 * (lp2 - lr2);
+    t = p_hat == 0.f ? 0.f : p * lpr;
+    pg = p_hat == 0.f ? 0.f : p * (lpr + 1.f);
+    coef = p_hat == 0.f ? 0.f : (lpr + 1.f) * kPolicyUnscale;
   }
 }
 

@@ -3,7 +3,11 @@
 On a GPU the kernels run for real; without one they run in the CPU emulator
 (RAL_CUDA_EMULATION=1, set by conftest), which executes the same kernel sources thread by
 thread, mma.sync fragments included. The extension (or the emulator build) is compiled
-once per machine, which takes a minute or two.
+once per machine, which takes a few minutes.
+
+Besides the semantic cases shared with the other backends: issue 13's F1 / F2 repros, the
+divergence passes' key splits, deterministic=True (bit-reproducible, close to the atomic
+default), sizes that cross several 64-wide tiles.
 """
 
 from __future__ import annotations
@@ -33,6 +37,25 @@ HEAD_DIM_CASES = [  # the kernels' head dims 64 and 128, and padding into them
     Case(b=1, hq=2, hk=2, tq=70, tk=70, d=80, dv=96, ho=3, hko=1, do=112, n_old=33, divergence="reverse_kl"),
 ]
 
+# Several 64-key tiles and few divergence rows, so that (with one tile per split) the
+# divergence passes split the keys; Tq != Tk crosses the tiles off the diagonal.
+SPLIT_CASES = [
+    Case(b=1, hq=4, hk=2, tq=200, tk=200, d=64, dv=64, ho=4, hko=2, do=64, n_old=50, exclude_self=True,
+         key_mask=True),
+    Case(b=1, hq=2, hk=1, tq=150, tk=190, d=64, dv=64, ho=2, hko=1, do=64, n_old=70, head_reduction="none",
+         divergence="reverse_kl"),
+]
+NAMES = ("out", "div", "dq", "dk", "dv")
+
+
+@pytest.fixture
+def one_tile_splits(monkeypatch):
+    """Key splits of a single tile, so small inputs take the divergence passes' split path."""
+    from ral_kernels.backends.cuda import launch
+
+    monkeypatch.setattr(launch, "MIN_SPLIT_TILES", 1)
+    return launch
+
 
 def check_against_reference(case: Case, dtype: torch.dtype, seed: int) -> None:
     x = with_lse_old(case, make_inputs(case, dtype, seed=seed, device=DEVICE))
@@ -51,6 +74,79 @@ def test_matches_reference(case, dtype, poison):
     """Every semantic case of the Triton / torch suites, within 2x (3x for gradients) of
     the dense PyTorch path's error in the same precision (flash-attention's idiom)."""
     check_against_reference(case, dtype, seed=3)
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.id)
+def test_key_splits_match_reference(case, one_tile_splits, poison):
+    """The divergence passes' partial row sums over key splits (and their atomic dq / A_h)
+    give the reference's numbers."""
+    n_old = case.n_old
+    splits, _ = one_tile_splits.key_splits(-(-n_old // one_tile_splits.DIV_ROWS) * case.b, case.tk,
+                                           torch.device(DEVICE))
+    assert splits > 1, "the case must split the keys"
+    check_against_reference(case, torch.float16, seed=5)
+
+
+@pytest.mark.parametrize("head_reduction, divergence", [("mean", "jsd"), ("none", "kl")])
+def test_deterministic_is_bit_reproducible_and_close_to_default(head_reduction, divergence, one_tile_splits):
+    """deterministic=True (no atomics: key-major dk launches, a row-major dq kernel) repeats
+    bit for bit, and agrees with the atomic default to summation-order rounding."""
+    case = Case(b=1, hq=4, hk=2, tq=150, tk=150, d=64, dv=64, ho=4, hko=2, do=64, n_old=60, exclude_self=True,
+                key_mask=True, head_reduction=head_reduction, divergence=divergence)
+    x = make_inputs(case, torch.float16, seed=11, device=DEVICE)
+    kw = op_kwargs(case)
+    det = functools.partial(fused_attn_kl, backend="cuda", deterministic=True)
+    first, up = run_op(det, x, kw)
+    again, _ = run_op(det, x, kw, upstream=up)
+    default, _ = run_op(cuda_op, x, kw, upstream=up)
+    for name, a, b, c in zip(NAMES, first, again, default):
+        assert torch.equal(a, b), f"{name}: deterministic=True is not bit-reproducible"
+        assert_close(c, a, atol=2e-3 * a.abs().max().item() + 1e-6, rtol=2e-3, name=name)
+    assert first[1].abs().sum() > 0
+
+
+def _issue13_f1(k_self: float, dtype):
+    q = torch.ones(1, 1, 4, 1)
+    k = torch.tensor([0.0, 0.5, 1.0, 2.0]).view(1, 1, 4, 1)
+    v = torch.randn(1, 1, 4, 2, generator=torch.Generator().manual_seed(0))
+    q_old = torch.ones(1, 1, 4, 1)
+    k_old = torch.tensor([0.0, 0.3, 0.6, k_self]).view(1, 1, 4, 1)
+    return [t.to(dtype).to(DEVICE) for t in (q, k, v, q_old, k_old)]
+
+
+@pytest.mark.parametrize("k_self", [14.0, 10.0, 30.0])
+def test_issue13_f1_cached_lse_old_with_exclude_self(k_self):
+    """Issue 13 F1: with exclude_self and a cached lse_old, an old policy that puts almost all
+    its mass on the row's own key gave a wrong, even negative, divergence (the support mass
+    was 1 - exp(s_self - lse)). The support's own log-sum-exp keeps it right."""
+    kw = dict(causal=True, exclude_self=True, sm_scale=1.0, old_sm_scale=1.0, divergence="kl")
+    q, k, v, q_old, k_old = _issue13_f1(k_self, torch.float16)
+    exact = fused_attn_kl(*(t.double() for t in (q, k, v, q_old, k_old)), backend="reference", **kw)[1]
+    cache = make_old_policy_cache(q_old, k_old, with_lse=True, causal=True, old_sm_scale=1.0)
+    for name, div in (("full", cuda_op(q, k, v, q_old, k_old, **kw)[1]),
+                      ("cached", cuda_op(q, k, v, **cache.as_kwargs(), **kw)[1])):
+        assert_close(div, exact, atol=1e-6, rtol=1e-4, name=name)
+    assert exact[0, 3] > 5e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gap", [100.0, 120.0])
+def test_issue13_f2_self_dominated_row_is_finite_and_exact(gap, dtype):
+    """Issue 13 F2: the row's own key beats every other key by ~100 (support mass subnormal
+    in float32): dq / dk were NaN, and above a gap of ~104 the divergence silently dropped to
+    0. The held-out sweep gives the float64 numbers."""
+    q = torch.tensor([0.0, 0.0, 1.0]).view(1, 1, 3, 1)
+    k = torch.tensor([0.0, 0.0, gap]).view(1, 1, 3, 1)
+    v = torch.randn(1, 1, 3, 2, generator=torch.Generator().manual_seed(1))
+    k_old = torch.tensor([0.0, 1.0, 0.0]).view(1, 1, 3, 1)
+    x = dict(q=q, k=k, v=v, q_old=q, k_old=k_old, query_mask=None, key_mask=None)
+    x = {n: (t.to(dtype).to(DEVICE) if t is not None else t) for n, t in x.items()}
+    kw = dict(causal=True, exclude_self=True, sm_scale=1.0, old_sm_scale=1.0)
+    got, up = run_op(cuda_op, x, kw)
+    exact, _ = run_op(functools.partial(fused_attn_kl, backend="reference"), to64(x), kw, upstream=up)
+    for name, a, e in zip(NAMES, got, exact):
+        assert_close(a, e, atol=1e-2 if name != "div" else 1e-6, rtol=1e-2 if name != "div" else 1e-4, name=name)
+    assert exact[1][0, 2] > 0.02  # the self-dominated row carries a divergence
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -156,15 +252,31 @@ def test_extension_validates_its_inputs():
     q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
     k = torch.randn(1, 1, 8, 64, dtype=torch.float16)
     lse = torch.empty(1, 2, 8)
+
+    def fwd(**changes):
+        args = dict(q=q, k=k, v=k, out=torch.empty_like(q), lse=lse, lse_s=None, key_mask=None, tq=8, pos0=0, r0=0,
+                    scale=0.1, causal=True)
+        ext.attn_fwd(**{**args, **changes})
+
     with pytest.raises(RuntimeError, match="lse must have shape"):
-        ext.attn_fwd(q, k, k, torch.empty_like(q), lse[:, :, :4].contiguous(), None, None, 8, 0, 0, 0.1, True, False)
+        fwd(lse=lse[:, :, :4].contiguous())
+    with pytest.raises(RuntimeError, match="lse_s must have shape"):
+        fwd(lse_s=torch.empty(1, 2, 3), r0=4)
     with pytest.raises(RuntimeError, match="k must have q's dtype"):
-        ext.attn_fwd(q, k.bfloat16(), k, torch.empty_like(q), lse, None, None, 8, 0, 0, 0.1, True, False)
+        fwd(k=k.bfloat16())
     with pytest.raises(RuntimeError, match="head dim of 64 or 128"):
-        ext.attn_fwd(q[..., :32].contiguous(), k, k, torch.empty_like(q), lse, None, None, 8, 0, 0, 0.1, True, False)
+        fwd(q=q[..., :32].contiguous())
     many = torch.randn(1100, 64, 1, 64, dtype=torch.float16)  # batch x heads over the grid's 65535
     with pytest.raises(RuntimeError, match="exceeds the CUDA grid limit"):
-        ext.attn_fwd(many, many[:, :1].contiguous(), None, None, torch.empty(1100, 64, 1), None, None, 1, 0, 0, 0.1,
-                     True, False)
+        fwd(q=many, k=many[:, :1].contiguous(), v=None, out=None, lse=torch.empty(1100, 64, 1), tq=1)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        ext.attn_fwd(q.transpose(1, 2), k, k, torch.empty_like(q), lse, None, None, 8, 0, 0, 0.1, True, False)
+        fwd(q=q.transpose(1, 2))
+    off = torch.zeros(1, 2, 8)
+    part = torch.empty(1, 1, 1, 8)
+    div_args = dict(q=q, k=k, off=off, q_old=q, k_old=k, off_old=off, key_mask=None, div_part=part, e_part=part,
+                    mass_part=part, r0=0, scale=0.1, old_scale=0.1, divergence=0, causal=True, exclude_self=False,
+                    split_keys=4)
+    with pytest.raises(RuntimeError, match="must cover the 8 keys"):
+        ext.div_fwd(**div_args)
+    with pytest.raises(RuntimeError, match="off_old must have shape"):
+        ext.div_fwd(**{**div_args, "split_keys": 8, "off_old": off[:, :1].contiguous()})
