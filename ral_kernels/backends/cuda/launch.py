@@ -67,6 +67,16 @@ def _kmask(key_mask):
     return None if key_mask is None else key_mask.contiguous()
 
 
+def _support_lse(q_rows, k, key_mask, cfg, first_row, tq, scale):
+    """The support's own log-sum-exp with ``exclude_self``. The kernels' support mass (a
+    ratio of two sums sharing one running max) underflows when a row's own key dominates by
+    more than ~87 nats, so until they hold that key out of the sweep this uses the torch
+    backend's sweep, which does."""
+    from ..torch import KERNELS as torch_kernels
+
+    return torch_kernels.policy_stats(q_rows, k, key_mask, cfg, first_row, tq, scale)[1]
+
+
 class CudaKernels(pipeline.Kernels):
     """The pipeline's passes on the CUDA C++ kernels (``csrc/``).
 
@@ -99,7 +109,7 @@ class CudaKernels(pipeline.Kernels):
         track_self = cfg.exclude_self and n_old > 0
         mass = _alloc((b, hq, n_old), torch.float32, q.device) if track_self else None
         _ext(q.device).attn_fwd(q, k, v, out, lse, mass, _kmask(key_mask), tq, 0, r0, cfg.sm_scale, cfg.causal, track_self)
-        lse_s = lse[:, :, r0:] + torch.log(mass) if track_self else None
+        lse_s = _support_lse(q[:, :, r0:], k, key_mask, cfg, r0, tq, cfg.sm_scale) if track_self else None
         return out, lse, lse_s, None
 
     def policy_stats(self, q_rows, k, key_mask, cfg, first_row, tq, scale):
@@ -108,7 +118,9 @@ class CudaKernels(pipeline.Kernels):
         mass = _alloc((b, h, n), torch.float32, q_rows.device)
         _ext(q_rows.device).attn_fwd(q_rows, k, None, None, lse, mass, _kmask(key_mask), tq, first_row, first_row, scale,
                           cfg.causal, cfg.exclude_self)
-        return lse, lse + torch.log(mass)
+        if cfg.exclude_self:
+            return lse, _support_lse(q_rows, k, key_mask, cfg, first_row, tq, scale)
+        return lse, lse
 
     @staticmethod
     def _as_lse(off, groups, rows=None):
