@@ -4,27 +4,30 @@
 // that the renormalized policy on the support S(i) is p_j = sum_{h in group} pi_hj with
 // pi_hj = exp(s_hj - off_h) (no division by a support mass; off = +inf on rows without a
 // divergence, so they add exactly zero); the old policy's r likewise. In a tile every head's
-// pi_h is formed once and summed scaled by 2^100 (p^ = p 2^100: log p stays exact where p
-// underflows, kernel_utils.cuh policy_terms), the divergence's terms come from log p / log r.
+// x_h = log2 pi_h is formed once and summed in log space, as a running maximum m and
+// sum_h 2^(x_h - m) per element (the first head costs no exp2, every other one exp2): log p
+// is exact however small p is, and the divergence's terms come from log p / log r
+// (kernel_utils.cuh policy_terms), with no clamp.
 //
 //   div_rows_kernel<BWD = false> (div_fwd): program = 64 rows x group x key split; partial
 //     row sums of the divergence, E = sum_S p g and the old policy's mass (a check of a
 //     cached lse_old) into [splits, B, G, R] (flash-decoding: short responses still fill
 //     the GPU; the host adds the splits in a fixed order).
-//   div_rows_kernel<BWD = true> (div_bwd): forms p^ and r^ of a tile, then per head
-//     dS_h = w pi_h (g - E) into dq (its rows; atomically when the keys are split), into dk
-//     (atomically, unless deterministic) and the row sums A_h = sum_S pi_h g, from which the
-//     host forms b_h for the attention backward's delta.
+//   div_rows_kernel<BWD = true> (div_bwd): forms log p and log r of a tile, then per head
+//     dS_h = w pi_h (g - E) = w (pi_h / p) (p g - p E), with pi_h / p = 2^(x_h - log2 p) <= 1,
+//     into dq (its rows; atomically when the keys are split), into dk (atomically, unless
+//     deterministic) and the row sums A_h = sum_S pi_h g, from which the host forms b_h for
+//     the attention backward's delta.
 //   div_keys_kernel (div_bwd, deterministic): program = 64 keys x (batch, or KV head for
 //     per-head reductions); owns dk of its keys, so no atomics.
 //
-// A tile visits the heads in a fixed order (Visits): the old heads, the current heads
-// (forming r^, p^), then, backward, the current heads again in reverse order, the first of
-// which reuses the previous visit's tiles and scores: the current scores are formed twice per
-// tile (once per-head policy), the old ones once. Each visit's Q tile (rows x HD), K tile
-// (when the KV head changes) and offsets stream through two cp.async stages, one barrier per
-// visit (two in the atomic backward, whose dk product reads a dS tile back transposed).
-// Nothing Tq x Tk is written.
+// A tile visits the heads in a fixed order (Visits): the old heads, the current heads (their
+// sums give log r, log p), then, backward, the current heads again in reverse order (the
+// gradient); the last summed head's visit also does its gradient, so the current scores are
+// formed 2n - 1 times per tile for n heads in a group (once for a per-head policy), the old
+// ones once. Each visit's Q tile (rows x HD), K tile (when the KV head changes) and offsets
+// stream through two cp.async stages, one barrier per visit (two in the atomic backward,
+// whose dk product reads a dS tile back transposed). Nothing Tq x Tk is written.
 #include "kernel_utils.cuh"
 
 namespace ral {
@@ -33,7 +36,7 @@ namespace {
 constexpr int kBM = 64;        // rows of a row-major block (4 warps x 16 rows)
 constexpr int kKeyBlock = 64;  // keys of a key-major block (4 warps x 16 keys)
 template <int HD> __host__ __device__ constexpr int row_tile_keys() { return 64; }
-template <int HD> __host__ __device__ constexpr int key_tile_rows() { return HD == 128 ? 32 : 64; }
+template <int HD> __host__ __device__ constexpr int key_tile_rows() { return 32; }
 
 // Q, K tiles (2 stages each), the dS tile (atomic backward), offsets (2 stages).
 template <int HD> constexpr size_t rows_smem(bool bwd) {
@@ -48,18 +51,19 @@ static_assert(rows_smem<128>(true) <= kMaxSmemAllArchs && keys_smem<128>() <= kM
               "the divergence kernels must fit every arch's shared memory");
 
 // The heads one tile visits, in order (j = 0 .. per_tile - 1): the n_old old heads, the n
-// current heads (both summed into the policies), then, backward, the current heads in reverse
-// order (the gradient; the first of them is the last summed head again).
+// current heads (both summed into the policies), then, backward, the current heads n - 2 .. 0
+// (the gradient; head n - 1's gradient rides on its summing visit).
 struct Visits {
   int n, n_old, per_tile;
-  __device__ Visits(int n_, int n_old_, bool bwd) : n(n_), n_old(n_old_), per_tile(n_old_ + n_ * (bwd ? 2 : 1)) {}
+  __device__ Visits(int n_, int n_old_, bool bwd) : n(n_), n_old(n_old_), per_tile(n_old_ + (bwd ? 2 * n_ - 1 : n_)) {}
   __device__ bool old(int j) const { return j < n_old; }
-  __device__ bool grad(int j) const { return j >= n_old + n; }
+  __device__ bool first(int j) const { return j == 0 || j == n_old; }  // the first head of its side
+  __device__ bool sums(int j) const { return j < n_old + n; }
   __device__ bool last_sum(int j) const { return j == n_old + n - 1; }
-  __device__ bool reuse(int j) const { return j == n_old + n; }  // same head, tiles and scores as j - 1
+  __device__ bool grad(int j) const { return j >= n_old + n - 1; }  // backward only
   __device__ int head(int grp, int j) const {  // head index on its side
     if (j < n_old) return grp * n_old + j;
-    return grp * n + (j < n_old + n ? j - n_old : n - 1 - (j - n_old - n));
+    return grp * n + (j < n_old + n ? j - n_old : 2 * n + n_old - 2 - j);
   }
 };
 
@@ -102,48 +106,117 @@ __device__ __forceinline__ void issue_visit(T* sQ, T* sK, float* sOff, const Div
   for (int i = threadIdx.x; i < QROWS; i += kThreads) sOff[i] = m0 + i < R ? sd.off[head * R + m0 + i] * kLog2e : INFINITY;
 }
 
-// acc += exp2(s2 - off2 + 100) on the support bits (bit t*4+e of C element (t, e)).
-// Row-major tiles take a row's offset per fragment row, key-major tiles per column.
+// The offset (log2 units) of a fragment element's row: per fragment row in a row-major tile,
+// per column in a key-major one.
+template <bool ROWS>
+__device__ __forceinline__ float row_off(const float* tOff, int t, int e) {
+  return ROWS ? tOff[threadIdx.x / kWarpSize * 16 + frag_row(e)] : tOff[frag_col(t, e)];
+}
+
+// One head's x = log2 pi = s2 - off2 into a policy's log-space sum on the support bits (bit
+// t*4+e of C element (t, e)): sum_h 2^x_h = 2^m * sum, m the running maximum (-inf, sum 0:
+// nothing yet). The first head of a side sets (m, sum) without an exp2.
 template <int NT, bool ROWS>
-__device__ __forceinline__ void add_scaled_policy(float (&acc)[NT][4], const float (&s)[NT][4], uint32_t supp,
-                                                  float scale2, const float* tOff) {
-  const int warp = threadIdx.x / kWarpSize;
+__device__ __forceinline__ void add_log_policy(float (&m)[NT][4], float (&sum)[NT][4], const float (&s)[NT][4],
+                                               uint32_t supp, bool first, float scale2, const float* tOff) {
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float off2 = ROWS ? tOff[warp * 16 + frag_row(e)] : tOff[frag_col(t, e)];
-      if ((supp >> (t * 4 + e)) & 1u) acc[t][e] += exp2f(s[t][e] * scale2 - off2 + kPolicyScale2);
+      if (!((supp >> (t * 4 + e)) & 1u)) continue;
+      const float x = s[t][e] * scale2 - row_off<ROWS>(tOff, t, e);
+      if (first) {
+        m[t][e] = x;
+        sum[t][e] = x == -INFINITY ? 0.f : 1.f;
+      } else if (x != -INFINITY) {  // -inf: a row without divergence
+        const float d = x - m[t][e], ex = exp2f(-fabsf(d));
+        sum[t][e] = d > 0.f ? fmaf(sum[t][e], ex, 1.f) : sum[t][e] + ex;
+        m[t][e] = fmaxf(m[t][e], x);
+      }
     }
 }
 
-// The gradient factor of one head on a tile, in place of its scores:
-//   s <- scale * w pi_h (g - E) = scale * w pi^_h (coef - E 2^-100),
-// and the row sums of pi_h g = pi^_h coef into a_part (row-major only). e_w holds E and w
-// per fragment row (row-major) or per column (key-major, from shared memory).
-template <int NT, bool ROWS>
-__device__ __forceinline__ void head_grad(float (&s)[NT][4], const float (&coef)[NT][4], uint32_t supp, float scale2,
-                                          const float* tOff, const float (&e_row)[2], const float (&w_row)[2],
-                                          const float* sE, const float* sW, float scale, float (&a_part)[2]) {
-  const int warp = threadIdx.x / kWarpSize;
+// No head summed yet: (m, sum) = (-inf, 0) for both policies, off the support too.
+template <int NT>
+__device__ __forceinline__ void empty_policies(float (&pm)[NT][4], float (&ps)[NT][4], float (&rm)[NT][4],
+                                               float (&rs)[NT][4]) {
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int col = frag_col(t, e);
-      const float off2 = ROWS ? tOff[warp * 16 + frag_row(e)] : tOff[col];
-      const float pi = ((supp >> (t * 4 + e)) & 1u) ? exp2f(s[t][e] * scale2 - off2 + kPolicyScale2) : 0.f;
-      const float e_v = ROWS ? e_row[e >> 1] : sE[col], w_v = ROWS ? w_row[e >> 1] : sW[col];
-      a_part[e >> 1] += pi * coef[t][e];
-      s[t][e] = pi * (coef[t][e] - e_v * kPolicyUnscale) * (w_v * scale);
+      pm[t][e] = rm[t][e] = -INFINITY;
+      ps[t][e] = rs[t][e] = 0.f;
     }
 }
 
-template <int NT> __device__ __forceinline__ void copy(float (&dst)[NT][4], const float (&src)[NT][4]) {
+// log2 of the summed policy, in place of its maximum (a sum of one head is exact as it is).
+template <int NT> __device__ __forceinline__ void to_log(float (&m)[NT][4], const float (&sum)[NT][4], int heads) {
+  if (heads == 1) return;
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dst[t][e] = src[t][e];
+    for (int e = 0; e < 4; ++e) m[t][e] += log2f(sum[t][e]);
+}
+
+// Backward, after the sums: per support element lp2 = log2 p stays, pg <- p g and
+// pq <- p g - p E (E of the element's row: e_row per fragment row, or sE per column).
+template <int DIV, int NT, bool ROWS>
+__device__ __forceinline__ void grad_terms(const float (&lp2)[NT][4], float (&pg)[NT][4], float (&pq)[NT][4],
+                                           const float (&lr2)[NT][4], uint32_t supp, const float (&e_row)[2],
+                                           const float* sE) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float p = 0.f, r, term, g = 0.f;
+      if ((supp >> (t * 4 + e)) & 1u) policy_terms<DIV>(lp2[t][e], lr2[t][e], p, r, term, g);
+      pg[t][e] = g;
+      pq[t][e] = g - p * (ROWS ? e_row[e >> 1] : sE[frag_col(t, e)]);
+    }
+}
+
+// One head's gradient factor on a tile, in place of its scores:
+//   s <- scale w pi_h (g - E) = scale w (pi_h / p) (p g - p E),  pi_h / p = 2^(x_h - log2 p),
+// and the row sums of pi_h g = (pi_h / p) p g into a_part (row-major only). w is per
+// fragment row (w_row) or per column (sW).
+template <int NT, bool ROWS>
+__device__ __forceinline__ void head_grad(float (&s)[NT][4], const float (&lp2)[NT][4], const float (&pg)[NT][4],
+                                          const float (&pq)[NT][4], uint32_t supp, float scale2, const float* tOff,
+                                          const float (&w_row)[2], const float* sW, float scale, float (&a_part)[2]) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float x = s[t][e] * scale2 - row_off<ROWS>(tOff, t, e);
+      const bool on = ((supp >> (t * 4 + e)) & 1u) && x != -INFINITY;
+      const float ratio = on ? exp2f(x - lp2[t][e]) : 0.f;
+      a_part[e >> 1] += ratio * pg[t][e];
+      s[t][e] = ratio * pq[t][e] * ((ROWS ? w_row[e >> 1] : sW[frag_col(t, e)]) * scale);
+    }
+}
+
+// The visit's scores: S = Q K^T (row-major: the warp's 16 rows x the tile's keys) or
+// S^T = K Q^T (key-major: the warp's 16 keys x the tile's rows).
+template <typename T, int NT, int HD, bool ROWS>
+__device__ __forceinline__ void visit_scores(float (&s)[NT][4], const T* tQ, const T* tK) {
+  constexpr int LD = HD + kPad;
+  const int warp = threadIdx.x / kWarpSize;
+  zero(s);
+  if (ROWS)
+    gemm_nt<T, NT, HD>(s, tQ + warp * 16 * LD, LD, tK, LD);
+  else
+    gemm_nt<T, NT, HD>(s, tK + warp * 16 * LD, LD, tQ, LD);
+}
+
+// A summing visit: the head's log-space term into the old or the current policy's sum.
+template <int NT, bool ROWS>
+__device__ __forceinline__ void sum_visit(float (&pm)[NT][4], float (&ps)[NT][4], float (&rm)[NT][4],
+                                          float (&rs)[NT][4], const float (&s)[NT][4], bool old, bool first,
+                                          uint32_t supp, float scale2, float old_scale2, const float* tOff) {
+  if (old)
+    add_log_policy<NT, ROWS>(rm, rs, s, supp, first, old_scale2, tOff);
+  else
+    add_log_policy<NT, ROWS>(pm, ps, s, supp, first, scale2, tOff);
 }
 
 template <typename T, int HD, int DIV, bool BWD>
@@ -183,7 +256,10 @@ __global__ void __launch_bounds__(kThreads, 1) div_rows_kernel(const DivParams p
   const bool atomic_rows = p.splits > 1;  // several blocks add to this block's rows of dq and A
 
   float d_acc[2] = {0.f, 0.f}, e_acc[2] = {0.f, 0.f}, m_acc[2] = {0.f, 0.f};
-  float p_hat[NT][4], r_hat[NT][4], s_keep[NT][4];  // backward: p_hat holds coef after the sums
+  // Log-space sums while the heads are summed: (pm, ps) current, (rm, rs) old; after the
+  // sums pm = log2 p, rm = log2 r and, backward, ps = p g, rs = p g - p E (the same
+  // registers serve both phases).
+  float pm[NT][4], ps[NT][4], rm[NT][4], rs[NT][4];
   uint32_t supp = 0;
   int q_slot = 0, k_slot = 0;
   if (total > 0) issue_visit<T, BM, BN, HD>(sQ, sK, sOff, p, vis.old(0), b, vis.head(grp, 0), m0, lo, true);
@@ -194,21 +270,19 @@ __global__ void __launch_bounds__(kThreads, 1) div_rows_kernel(const DivParams p
     cp_async_wait<0>();
     // This visit's tiles are visible to every warp, and every warp is done with the last
     // visit (its dS tile too), so the stage the next load takes is free.
-    __syncthreads();  // RAL_RELEASE_BARRIER(div_rows)
+    __syncthreads();  // RAL_RELEASE_BARRIER(div)
     const T* tQ = sQ + q_slot * BM * LD;
     const T* tK = sK + k_slot * BN * LD;
     const float* tOff = sOff + q_slot * BM;
-    bool load_q = false, load_k = false;
+    bool load_k = false;
     if (idx + 1 < total) {
       const int j1 = (idx + 1) % vis.per_tile;
       const bool old1 = vis.old(j1);
       const int h1 = vis.head(grp, j1);
-      load_q = !vis.reuse(j1);
-      load_k = load_q && (j1 == 0 || old1 != old || kv_head(p, old1, h1) != kv_head(p, old, h));
-      if (load_q)
-        issue_visit<T, BM, BN, HD>(sQ + (q_slot ^ 1) * BM * LD, sK + (k_slot ^ int(load_k)) * BN * LD,
-                                   sOff + (q_slot ^ 1) * BM, p, old1, b, h1, m0, lo + (idx + 1) / vis.per_tile * BN,
-                                   load_k);
+      load_k = j1 == 0 || old1 != old || kv_head(p, old1, h1) != kv_head(p, old, h);
+      issue_visit<T, BM, BN, HD>(sQ + (q_slot ^ 1) * BM * LD, sK + (k_slot ^ int(load_k)) * BN * LD,
+                                 sOff + (q_slot ^ 1) * BM, p, old1, b, h1, m0, lo + (idx + 1) / vis.per_tile * BN,
+                                 load_k);
     }
 
     if (j == 0) {
@@ -222,44 +296,34 @@ __global__ void __launch_bounds__(kThreads, 1) div_rows_kernel(const DivParams p
           const bool ok = n0 + BN > n_full ? in_support(pos[r], jk, kok, p.Tq, p.Tk, p.causal, p.exclude_self) : kok;
           if (row_ok[r] && ok) supp |= 1u << (t * 4 + e);
         }
-      zero(p_hat);
-      zero(r_hat);
+      empty_policies(pm, ps, rm, rs);
     }
     float s[NT][4];
-    if (BWD && vis.reuse(j)) {
-      copy(s, s_keep);
-    } else {
-      zero(s);
-      gemm_nt<T, NT, HD>(s, tQ + warp * 16 * LD, LD, tK, LD);
-    }
-    if (!vis.grad(j)) {
-      if (old) {
-        add_scaled_policy<NT, true>(r_hat, s, supp, old_scale2, tOff);
+    visit_scores<T, NT, HD, true>(s, tQ, tK);
+    if (vis.sums(j)) sum_visit<NT, true>(pm, ps, rm, rs, s, old, vis.first(j), supp, scale2, old_scale2, tOff);
+    if (vis.last_sum(j)) {
+      to_log(pm, ps, vis.n);
+      to_log(rm, rs, vis.n_old);
+      if (BWD) {
+        grad_terms<DIV, NT, true>(pm, ps, rs, rm, supp, e_row, nullptr);
       } else {
-        add_scaled_policy<NT, true>(p_hat, s, supp, scale2, tOff);
-        if (BWD && vis.last_sum(j)) copy(s_keep, s);
-      }
-      if (vis.last_sum(j)) {
 #pragma unroll
         for (int t = 0; t < NT; ++t)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             if (!((supp >> (t * 4 + e)) & 1u)) continue;
-            float term, pg, coef;
-            policy_terms<DIV>(p_hat[t][e], r_hat[t][e], term, pg, coef);
-            if (BWD) {
-              p_hat[t][e] = coef;
-            } else {
-              d_acc[e >> 1] += term;
-              e_acc[e >> 1] += pg;
-              m_acc[e >> 1] += r_hat[t][e] * kPolicyUnscale;
-            }
+            float pv, rv, term, pg;
+            policy_terms<DIV>(pm[t][e], rm[t][e], pv, rv, term, pg);
+            d_acc[e >> 1] += term;
+            e_acc[e >> 1] += pg;
+            m_acc[e >> 1] += rv;
           }
       }
-    } else if (BWD) {
+    }
+    if (BWD && vis.grad(j)) {
       const int64_t hq = int64_t(b) * p.Hq + h;
       float a_part[2] = {0.f, 0.f};
-      head_grad<NT, true>(s, p_hat, supp, scale2, tOff, e_row, w_row, nullptr, nullptr, p.scale, a_part);
+      head_grad<NT, true>(s, pm, ps, rs, supp, scale2, tOff, w_row, nullptr, p.scale, a_part);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float a = quad_sum(a_part[r]);
@@ -270,26 +334,33 @@ __global__ void __launch_bounds__(kThreads, 1) div_rows_kernel(const DivParams p
         else
           *dst += a;
       }
-      {  // dq rows += dS K
-        float upd[NV][4];
+      // The updates go out in chunks of CH * 8 columns, which keeps their registers few.
+      constexpr int CH = 4;
+#pragma unroll
+      for (int c0 = 0; c0 < NV; c0 += CH) {  // dq rows += dS K
+        float upd[CH][4];
         zero(upd);
-        gemm_pn<T, NT, NV>(upd, s, tK, LD);
-        add_rows_f32<NV>(p.dq + (hq * p.Tq + p.r0) * HD, HD, upd, m0 + warp * 16, R, 1.f, atomic_rows);
+        gemm_pn<T, NT, CH>(upd, s, tK + c0 * 8, LD);
+        add_rows_f32<CH>(p.dq + (hq * p.Tq + p.r0) * HD + c0 * 8, HD, upd, m0 + warp * 16, R, 1.f, atomic_rows);
       }
       if (!p.deterministic) {  // dk keys += dS^T Q, read back transposed from shared memory
         constexpr int WK = BN / 16, WC = kWarps / WK, NC = NV / WC;
-        static_assert(WK * WC == kWarps && NC % 2 == 0, "warps must tile the dk update");
+        static_assert(WK * WC == kWarps && NC % CH == 0, "warps must tile the dk update");
         store_frag<T, NT>(sDS, LDS, s, warp * 16);
         __syncthreads();  // the dS tile is complete
         const int kw = warp % WK, cw = warp / WK;
-        float upd[NC][4];
-        zero(upd);
-        gemm_tn<T, BM, NC>(upd, sDS + kw * 16, LDS, tQ + cw * NC * 8, LD);
         const int64_t kvh = int64_t(b) * p.Hk + kv_head(p, false, h);
-        add_rows_f32<NC>(p.dk + kvh * p.Tk * HD + cw * NC * 8, HD, upd, n0 + kw * 16, p.Tk, 1.f, true);
+#pragma unroll
+        for (int c0 = 0; c0 < NC; c0 += CH) {
+          const int col = (cw * NC + c0) * 8;
+          float upd[CH][4];
+          zero(upd);
+          gemm_tn<T, BM, CH>(upd, sDS + kw * 16, LDS, tQ + col, LD);
+          add_rows_f32<CH>(p.dk + kvh * p.Tk * HD + col, HD, upd, n0 + kw * 16, p.Tk, 1.f, true);
+        }
       }
     }
-    q_slot ^= int(load_q);  // the stages of the next visit
+    q_slot ^= 1;  // the stages of the next visit
     k_slot ^= int(load_k);
   }
   if (!BWD) {
@@ -361,7 +432,8 @@ __global__ void __launch_bounds__(kThreads, 1) div_keys_kernel(const DivParams p
   const int n_rt = R > m_lo ? (R - m_lo + BM - 1) / BM : 0;
   const int total = n_grp * n_rt * vis.per_tile;
 
-  float p_hat[NM][4], r_hat[NM][4], s_keep[NM][4], dk[NV][4];  // p_hat holds coef after the sums
+  // The log-space sums and, after them, log2 p, p g, p g - p E: as in div_rows_kernel.
+  float pm[NM][4], ps[NM][4], rm[NM][4], rs[NM][4], dk[NV][4];
   zero(dk);
   int dk_head = -1;  // the KV head dk accumulates for
   uint32_t supp = 0;
@@ -383,17 +455,15 @@ __global__ void __launch_bounds__(kThreads, 1) div_keys_kernel(const DivParams p
     const T* tK = sK + k_slot * BN * LD;
     const float* tOff = sOff + q_slot * BM;
     const float* sE = sEW + (c & 1) * 2 * BM;
-    bool load_q = false, load_k = false;
+    bool load_k = false;
     if (idx + 1 < total) {
       const int c1 = (idx + 1) / vis.per_tile, j1 = (idx + 1) % vis.per_tile;
       const int grp1 = grp_lo + c1 / n_rt, m1 = m_lo + c1 % n_rt * BM;
       const bool old1 = vis.old(j1);
       const int h1 = vis.head(grp1, j1);
-      load_q = !vis.reuse(j1);
-      load_k = load_q && (old1 != old || kv_head(p, old1, h1) != kv_head(p, old, h));  // the block's keys stay
-      if (load_q)
-        issue_visit<T, BM, BN, HD>(sQ + (q_slot ^ 1) * BM * LD, sK + (k_slot ^ int(load_k)) * BN * LD,
-                                   sOff + (q_slot ^ 1) * BM, p, old1, b, h1, m1, n0, load_k);
+      load_k = old1 != old || kv_head(p, old1, h1) != kv_head(p, old, h);  // the block's keys stay
+      issue_visit<T, BM, BN, HD>(sQ + (q_slot ^ 1) * BM * LD, sK + (k_slot ^ int(load_k)) * BN * LD,
+                                 sOff + (q_slot ^ 1) * BM, p, old1, b, h1, m1, n0, load_k);
       if (j1 == 0) load_e_w<BM>(sEW + (c1 & 1) * 2 * BM, p, int64_t(b) * p.G + grp1, m1);
     }
 
@@ -408,37 +478,21 @@ __global__ void __launch_bounds__(kThreads, 1) div_keys_kernel(const DivParams p
           const bool ok = masked ? in_support(p.r0 + row, key[r], kok[r], p.Tq, p.Tk, p.causal, p.exclude_self) : kok[r];
           if (row < R && ok) supp |= 1u << (t * 4 + e);
         }
-      zero(p_hat);
-      zero(r_hat);
+      empty_policies(pm, ps, rm, rs);
     }
     float s[NM][4];  // S^T: this warp's 16 keys x BM rows
-    if (vis.reuse(j)) {
-      copy(s, s_keep);
-    } else {
-      zero(s);
-      gemm_nt<T, NM, HD>(s, tK + warp * 16 * LD, LD, tQ, LD);
+    visit_scores<T, NM, HD, false>(s, tQ, tK);
+    if (vis.sums(j)) sum_visit<NM, false>(pm, ps, rm, rs, s, old, vis.first(j), supp, scale2, old_scale2, tOff);
+    if (vis.last_sum(j)) {
+      to_log(pm, ps, vis.n);
+      to_log(rm, rs, vis.n_old);
+      const float none[2] = {0.f, 0.f};
+      grad_terms<DIV, NM, false>(pm, ps, rs, rm, supp, none, sE);
     }
-    if (!vis.grad(j)) {
-      if (old) {
-        add_scaled_policy<NM, false>(r_hat, s, supp, old_scale2, tOff);
-      } else {
-        add_scaled_policy<NM, false>(p_hat, s, supp, scale2, tOff);
-        if (vis.last_sum(j)) copy(s_keep, s);
-      }
-      if (vis.last_sum(j)) {
-#pragma unroll
-        for (int t = 0; t < NM; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float term, pg, coef = 0.f;
-            if ((supp >> (t * 4 + e)) & 1u) policy_terms<DIV>(p_hat[t][e], r_hat[t][e], term, pg, coef);
-            p_hat[t][e] = coef;
-          }
-      }
-    } else {
+    if (vis.grad(j)) {
       const float none[2] = {0.f, 0.f};
       float a_unused[2] = {0.f, 0.f};
-      head_grad<NM, false>(s, p_hat, supp, scale2, tOff, none, none, sE, sE + BM, p.scale, a_unused);
+      head_grad<NM, false>(s, pm, ps, rs, supp, scale2, tOff, none, sE + BM, p.scale, a_unused);
       const int kvh = kv_head(p, false, h);
       if (kvh != dk_head) {
         if (dk_head >= 0) flush_dk<NV, HD>(dk, p, b, dk_head, n0);
@@ -446,7 +500,7 @@ __global__ void __launch_bounds__(kThreads, 1) div_keys_kernel(const DivParams p
       }
       gemm_pn<T, NM, NV>(dk, s, tQ, LD);  // dk (16 keys x HD) += dS^T Q
     }
-    q_slot ^= int(load_q);  // the stages of the next visit
+    q_slot ^= 1;  // the stages of the next visit
     k_slot ^= int(load_k);
   }
   if (dk_head >= 0) flush_dk<NV, HD>(dk, p, b, dk_head, n0);

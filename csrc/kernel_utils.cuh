@@ -44,10 +44,6 @@ constexpr unsigned kFull = 0xffffffffu;
 // exp2 with the scale folded in; statistics in memory are natural logs.
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-// Policies are summed over heads as p * 2^100 (p <= 1, so no overflow), which keeps log p
-// exact down to p ~ 2^-249 instead of float32's normal range (as the Triton kernels do).
-constexpr float kPolicyScale2 = 100.f;
-constexpr float kPolicyUnscale = 0x1p-100f;
 
 // ------------------------------------------------------------------ 16-bit types
 
@@ -416,31 +412,26 @@ __device__ __forceinline__ float logaddexp2(float a, float b) {
   return m + log2f(exp2f(a - m) + exp2f(b - m));
 }
 
-// The divergence's pointwise quantities at one support key, from the scaled policies
-// p^ = p 2^100 and r^ (sums over a group's heads of exp2(s2_h - off2_h + 100)): the term t
-// (D = sum_S t), p g (E = sum_S p g, g = dD/dp) and coef = g 2^-100, so that pi^_h coef =
-// pi_h g. Logs come from log2(p^) - 100: exact where p underflows float32's normal range,
-// no clamp, 0 log 0 = 0; a NaN input propagates. Codes as in _semantics.log_policy_terms.
+// The divergence's pointwise quantities at one support key from log2 p and log2 r (-inf where
+// zero): p, r, the term t (D = sum_S t) and p g (E = sum_S p g, g = dD/dp). Formed in log
+// space: exact where p or r underflows, no clamp, 0 log 0 = 0, a NaN input propagates; p g
+// stays bounded (for KL it is -r, never r / p). Codes as in _semantics.log_policy_terms.
 template <int DIV>
-__device__ __forceinline__ void policy_terms(float p_hat, float r_hat, float& t, float& pg, float& coef) {
-  const float p = p_hat * kPolicyUnscale, r = r_hat * kPolicyUnscale;
-  const float lp2 = p_hat == 0.f ? -INFINITY : log2f(p_hat) - kPolicyScale2;
-  const float lr2 = r_hat == 0.f ? -INFINITY : log2f(r_hat) - kPolicyScale2;
+__device__ __forceinline__ void policy_terms(float lp2, float lr2, float& p, float& r, float& t, float& pg) {
+  p = exp2f(lp2);
+  r = exp2f(lr2);
+  const bool no_p = lp2 == -INFINITY, no_r = lr2 == -INFINITY;
   if (DIV == kJSD) {
     const float lm2 = logaddexp2(lp2, lr2) - 1.f;  // m = (p + r) / 2
-    const float gp = 0.5f * kLn2 * (lp2 - lm2), gr = 0.5f * kLn2 * (lr2 - lm2);
-    pg = p_hat == 0.f ? 0.f : p * gp;
-    t = pg + (r_hat == 0.f ? 0.f : r * gr);
-    coef = p_hat == 0.f ? 0.f : gp * kPolicyUnscale;
+    pg = no_p ? 0.f : 0.5f * kLn2 * p * (lp2 - lm2);
+    t = pg + (no_r ? 0.f : 0.5f * kLn2 * r * (lr2 - lm2));
   } else if (DIV == kKL) {  // KL(old || new) = sum r log(r / p)
-    t = r_hat == 0.f ? 0.f : r * kLn2 * (lr2 - lp2);
+    t = no_r ? 0.f : kLn2 * r * (lr2 - lp2);
     pg = -r;
-    coef = p_hat == 0.f ? 0.f : -(r_hat / p_hat) * kPolicyUnscale;
   } else {  // KL(new || old) = sum p log(p / r)
     const float lpr = kLn2 * (lp2 - lr2);
-    t = p_hat == 0.f ? 0.f : p * lpr;
-    pg = p_hat == 0.f ? 0.f : p * (lpr + 1.f);
-    coef = p_hat == 0.f ? 0.f : (lpr + 1.f) * kPolicyUnscale;
+    t = no_p ? 0.f : p * lpr;
+    pg = no_p ? 0.f : p * (lpr + 1.f);
   }
 }
 
