@@ -37,6 +37,9 @@ METHODS = {
 def _parse(argv=None):
     ap = argparse.ArgumentParser(prog="ral-train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ral_kernels.tools.version import add_version_option
+
+    add_version_option(ap)
     ap.add_argument("--out", default="ral_train_report", help="report folder (created)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 24 steps: about a minute on a 2-core CPU")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, --quick 1)")
