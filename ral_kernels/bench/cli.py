@@ -18,9 +18,9 @@ import time
 import torch
 
 from .._semantics import DIVERGENCES, HEAD_REDUCTIONS
+from ..tools.version import add_version_option
 from . import harness
 from .config import DTYPES, MODES, PRESETS, get_preset, parse_dtype, parse_heads, parse_mode
-from ..tools.version import add_version_option
 from .providers import PROVIDERS
 
 COMMANDS = ("run", "plot", "table", "list")
