@@ -27,6 +27,8 @@ import warnings
 
 import torch
 
+from ral_kernels.tools.version import add_version_option
+
 METHODS = {
     "grpo": dict(style="think", ral_coef=0.0),
     "ral": dict(style="think", ral_coef=1.0),
@@ -37,6 +39,7 @@ METHODS = {
 def _parse(argv=None):
     ap = argparse.ArgumentParser(prog="ral-train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_option(ap)
     ap.add_argument("--out", default="ral_train_report", help="report folder (created)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 24 steps: about a minute on a 2-core CPU")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, --quick 1)")

@@ -19,6 +19,7 @@ import time
 import torch
 
 from .._semantics import DIVERGENCES, HEAD_REDUCTIONS
+from ..tools.version import add_version_option
 from . import harness
 from .config import DTYPES, MODES, PRESETS, get_preset, parse_dtype, parse_heads, parse_mode
 from .providers import PROVIDERS
@@ -51,6 +52,7 @@ def _run_parser() -> argparse.ArgumentParser:
         epilog="other commands: ral-bench table CSV | ral-bench plot CSV --out DIR | ral-bench list | "
                "ral-bench work --preset shape-A\n\n"
                f"presets: {', '.join(PRESETS)}\nproviders: {', '.join(PROVIDERS)}\nmodes: {', '.join(MODES)}")
+    add_version_option(p)
     p.add_argument("--quick", action="store_true", help="the cpu-quick preset (CPU, under 5 minutes on 2 cores)")
     p.add_argument("--preset", help=f"one of: {', '.join(PRESETS)} (default: cpu-quick, or gpu-sweep with CUDA)")
     p.add_argument("--providers", nargs="+", help="subset of providers (default: all; unavailable ones are "
