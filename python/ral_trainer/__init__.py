@@ -11,18 +11,20 @@
 It depends on :mod:`ral_kernels` (and transformers), never the other way round.
 """
 
+from .guard import ZeroAttentionTermWarning, ZeroTermGuard
 from .models import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, tiny_config, tiny_model
 from .patch import ATTN_NAME, LayerCapture, OldPolicy, PatchError, RALPatch, patch_model, unpatch_model
 
 __all__ = [
     "ATTN_NAME", "LayerCapture", "OldPolicy", "PatchError", "RALPatch", "SUPPORTED_ARCHITECTURES",
     "RALTrainer", "TrainConfig", "UnsupportedArchitectureError", "ZeroAttentionTermWarning",
+    "ZeroTermGuard",
     "patch_model", "tiny_config", "tiny_model", "unpatch_model",
 ]
 
 
 def __getattr__(name):  # the trainer pulls in tqdm; import it on first use
-    if name in ("RALTrainer", "TrainConfig", "ZeroAttentionTermWarning"):
+    if name in ("RALTrainer", "TrainConfig"):
         from . import trainer
         return getattr(trainer, name)
     raise AttributeError(name)

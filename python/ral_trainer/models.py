@@ -54,6 +54,22 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
+def unwrap_model(module):
+    """The Hugging Face model under DDP / DeepSpeed / FSDP1 / ``torch.compile`` / PEFT
+    wrappers (the one whose layers get patched; FSDP2 shards in place)."""
+    m = module
+    for _ in range(8):
+        inner = getattr(m, "_fsdp_wrapped_module", None) or getattr(m, "_orig_mod", None) or (
+            m.module if isinstance(getattr(m, "module", None), torch.nn.Module) and not hasattr(m, "config")
+            else None)
+        if inner is None:
+            break
+        m = inner
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()  # PEFT
+    return m
+
+
 def text_config(model):
     cfg = model.config
     return getattr(cfg, "text_config", None) or cfg

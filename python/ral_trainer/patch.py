@@ -109,6 +109,29 @@ class OldPolicy:
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers.values())
 
+    @staticmethod
+    def cat(parts: Sequence["OldPolicy"]) -> "OldPolicy":
+        """Concatenate the captures of consecutive chunks of one batch (along the batch),
+        e.g. of an old-log-prob pass run in chunks. All chunks must be padded to the same
+        width (one ``num_tokens``)."""
+        if len(parts) == 1:
+            return parts[0]
+        out = {}
+        for i in parts[0].layers:
+            caps = [p.layers[i] for p in parts]
+            c0 = caps[0]
+            if any(c.num_tokens != c0.num_tokens for c in caps):
+                raise PatchError(f"cannot concatenate captures of different widths {[c.num_tokens for c in caps]}")
+            dev = c0.cache.k_old.device
+            km = torch.cat([c.key_mask.to(dev) if c.key_mask is not None else
+                            torch.ones(c.cache.k_old.shape[0], c.num_tokens, dtype=torch.bool, device=dev)
+                            for c in caps])
+            lse = None if c0.cache.lse_old is None else torch.cat([c.cache.lse_old for c in caps])
+            cache = ral_kernels.OldPolicyCache(torch.cat([c.cache.q_old for c in caps]),
+                                               torch.cat([c.cache.k_old for c in caps]), lse)
+            out[i] = LayerCapture(cache, c0.sm_scale, None if bool(km.all()) else km, c0.num_tokens)
+        return OldPolicy(out, parts[0].model_type)
+
     def for_layers(self, layers: Sequence[int]) -> dict:
         """Map the current model's patched layers to captured layers: by index when the
         capture comes from the same model, else in order (student's i-th patched layer ↔

@@ -66,7 +66,7 @@ def engine(tmp_path_factory):
                                   CheckpointConfig())
     eng.module = model
     eng._autocast_dtype = torch.float32  # fp32 mixed precision, as _build_fsdp_module would set
-    adapter = va.RALVerlAdapter(eng, attention_coef=1.0)
+    adapter = va.RALVerlAdapter(eng, ral_coef=1.0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     yield eng, adapter, model, state
     adapter.detach()
@@ -169,11 +169,11 @@ def _update(eng, ad, model, state, remove_padding, coef=1.0, mode="token-mean"):
     tu.assign_non_tensor(td, global_batch_size=B)
     _perturb(model)
     model.zero_grad()
-    ad.config.attention_coef = coef
+    ad.config.ral_coef = coef
     try:
         res = eng.forward_backward_batch(td, functools.partial(ppo_loss, config=_actor_cfg(mode)), forward_only=False)
     finally:
-        ad.config.attention_coef = 1.0
+        ad.config.ral_coef = 1.0
     return res, model.model.layers[-1].self_attn.q_proj.weight.grad.clone()
 
 

@@ -26,7 +26,7 @@ registered policy losses only see log-probs, so the adapter hooks the engine its
 Usage (in-process, after the engine is initialized)::
 
     from ral_trainer.adapters.verl import RALVerlAdapter
-    adapter = RALVerlAdapter(worker.actor.engine, attention_coef=1.0)   # ActorRolloutRefWorker
+    adapter = RALVerlAdapter(worker.actor.engine, ral_coef=1.0)   # ActorRolloutRefWorker
     # or, with Ray: use RALActorRolloutRefWorker as the actor_rollout worker class
 
 Metrics ``actor/ral_attention_loss`` and ``actor/ral_attention_div`` land in verl's actor
@@ -36,16 +36,15 @@ metrics.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Optional
 
 import torch
 
 import ral_kernels
 
-from ..models import decoder_layers
+from ..models import decoder_layers, unwrap_model
 from ..patch import LayerCapture, OldPolicy, PatchError, patch_model
-from ..trainer import ZeroAttentionTermWarning
+from ..guard import ZeroTermGuard, deprecated_alias, warn_zero_schedule
 from . import check_version
 
 VERL_RANGE = "verl>=0.9,<0.10"
@@ -83,25 +82,28 @@ class RALVerlConfig:
     """RAL settings for verl (e.g. ``actor_rollout_ref.actor.ral`` in the Hydra config).
 
     Args:
-        attention_coef: λ of ``L = L_PPO + λ · agg_t(A_t · D(p_θ^t ‖ p_old^t))``; 0 disables the term.
+        ral_coef: λ of ``L = L_PPO + λ · agg_t(A_t · D(p_θ^t ‖ p_old^t))``; 0 disables the term.
         attention_divergence: ``"jsd"`` (paper), ``"kl"`` (KL(old‖new)) or ``"reverse_kl"``.
         attention_layers: decoder-layer indices to patch (default: the last one, as the paper).
         attention_backend: ``ral_kernels`` backend (``"auto"``: Triton on CUDA, else torch).
         loss_agg_mode: override verl's ``actor.loss_agg_mode`` for the attention term
             (default: the one of verl's own ``ppo_loss`` config).
+        attention_coef: deprecated name of ``ral_coef`` (DeprecationWarning).
     """
 
-    attention_coef: float = 1.0
+    ral_coef: float = 1.0
     attention_divergence: str = "jsd"
     attention_layers: Optional[list] = None
     attention_backend: str = "auto"
     loss_agg_mode: Optional[str] = None
+    attention_coef: Optional[float] = None
 
     def __post_init__(self):
+        deprecated_alias(self, "attention_coef", "ral_coef")
         if self.attention_divergence not in ("jsd", "kl", "reverse_kl"):
             raise ValueError(f"attention_divergence must be 'jsd', 'kl' or 'reverse_kl', got {self.attention_divergence!r}")
-        if self.attention_coef < 0:
-            raise ValueError("attention_coef must be >= 0")
+        if self.ral_coef < 0:
+            raise ValueError(f"ral_coef must be >= 0, got {self.ral_coef}")
         if self.loss_agg_mode is not None and self.loss_agg_mode not in VERL_LOSS_AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {VERL_LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
 
@@ -131,21 +133,6 @@ def verl_normalized_ral_loss(div, advantages, response_mask, loss_agg_mode, *, d
     horizon = loss_scale_factor if loss_scale_factor is not None else m.shape[-1]
     return ral_kernels.ral_loss(div, advantages, m, loss_type=loss_agg_mode,
                                 max_completion_length=horizon) * num_seqs / denom
-
-
-def _hf_model(module):
-    """The Hugging Face model under FSDP1 / PEFT wrappers (FSDP2 shards in place)."""
-    m = module
-    for _ in range(4):
-        inner = getattr(m, "_fsdp_wrapped_module", None) or (
-            m.module if hasattr(m, "module") and isinstance(m.module, torch.nn.Module) and not hasattr(m, "config")
-            else None)
-        if inner is None:
-            break
-        m = inner
-    if hasattr(m, "get_base_model"):
-        m = m.get_base_model()
-    return m
 
 
 class _BatchLayout:
@@ -241,7 +228,7 @@ class RALVerlAdapter:
             raise PatchError("RAL: the engine has no model yet; attach the adapter after engine.initialize() "
                              "(worker.init_model())")
         self.engine = engine
-        self.model = _hf_model(engine.module)
+        self.model = unwrap_model(engine.module)
         self.patch = patch_model(self.model, config.attention_layers, backend=config.attention_backend)
         self._store: dict = {}  # (length, token bytes) -> {layer: (q_rows [Ho, n, D], k [Hk, L, D])}
         self._sm_scale: dict = {}
@@ -283,10 +270,10 @@ class RALVerlAdapter:
         return self._orig_infer_batch(data, loss_function=loss_function)
 
     def _capturing(self):
-        return bool(self.config.attention_coef) and self._no_capture == 0
+        return bool(self.config.ral_coef) and self._no_capture == 0
 
     def _forward_step(self, micro_batch, loss_function, forward_only):
-        if not self.config.attention_coef:
+        if not self.config.ral_coef:
             return self._orig_forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
         packed = bool(tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True))
         layout = _BatchLayout(micro_batch, packed)
@@ -356,7 +343,7 @@ class RALVerlAdapter:
         def loss_fn(model_output, data, dp_group=None):
             loss, metrics = loss_function(model_output=model_output, data=data, dp_group=dp_group)
             term, div_mean, agg = self._term(state["upd"].divergence, data, layout, loss_function)
-            loss = loss + cfg.attention_coef * term.to(loss.dtype)
+            loss = loss + cfg.ral_coef * term.to(loss.dtype)
             metrics = dict(metrics)
             metrics["actor/ral_attention_loss"] = Metric(value=term.detach(), aggregation=agg)
             metrics["actor/ral_attention_div"] = Metric(value=div_mean, aggregation=AggregationType.MEAN)
@@ -393,11 +380,9 @@ class RALVerlAdapter:
         prompts, as in verl's config (``rollout_n`` multiplies both sides)."""
         if ppo_epochs <= 1 and ppo_mini_batch_size >= train_batch_size and not self._warned_zero:
             self._warned_zero = True
-            warnings.warn(
-                "RAL attention term is identically zero with these verl settings: one PPO mini-batch per rollout "
-                f"batch (ppo_mini_batch_size={ppo_mini_batch_size} >= data.train_batch_size={train_batch_size}) and "
-                f"ppo_epochs={ppo_epochs}, so every update runs at θ = θ_old. Set ppo_epochs > 1 or "
-                "ppo_mini_batch_size < data.train_batch_size.", ZeroAttentionTermWarning, stacklevel=2)
+            warn_zero_schedule(f"one PPO mini-batch per rollout batch (ppo_mini_batch_size={ppo_mini_batch_size} "
+                               f">= data.train_batch_size={train_batch_size}) and ppo_epochs={ppo_epochs}",
+                               "Set ppo_epochs > 1 or ppo_mini_batch_size < data.train_batch_size.")
             return True
         return False
 
@@ -409,7 +394,7 @@ def _make_worker_cls():
     class RALActorRolloutRefWorker(ActorRolloutRefWorker):
         """verl's ``ActorRolloutRefWorker`` with the RAL adapter on its actor engine. Reads
         :class:`RALVerlConfig` fields from ``actor_rollout_ref.actor.ral`` (Hydra:
-        ``+actor_rollout_ref.actor.ral.attention_coef=1.0``)."""
+        ``+actor_rollout_ref.actor.ral.ral_coef=1.0``)."""
 
         @register(dispatch_mode=Dispatch.ONE_TO_ALL)
         def init_model(self):
