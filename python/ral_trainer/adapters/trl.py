@@ -50,7 +50,7 @@ import ral_kernels
 
 from ..guard import ZeroTermGuard, deprecated_alias, warn_zero_schedule
 from ..losses import TeacherMisalignmentError
-from ..models import unwrap_model
+from ..models import decoder_layers, unwrap_model
 from ..patch import OldPolicy, PatchError, patch_model
 from . import check_version
 
@@ -86,6 +86,8 @@ class RALGRPOConfig(GRPOConfig):
         attention_head_reduction: ``"mean"``: the policy is the head-averaged attention row (paper).
         attention_layers: decoder-layer indices to patch (default: the last one, as the paper).
         attention_backend: ``ral_kernels`` backend (``"auto"``: Triton on CUDA, else torch).
+        attention_allow_unlisted: patch a model family outside ``ral_trainer.SUPPORTED_ARCHITECTURES``
+            whose attention dispatches through ``ALL_ATTENTION_FUNCTIONS`` (checked).
         teacher_ral_coef: γ of the on-policy attention distillation term
             ``γ · Σ_t JSD(p_student^t ‖ p_teacher^t)`` (weight 1, no advantage); needs
             ``teacher_model=`` on the trainer.
@@ -100,6 +102,9 @@ class RALGRPOConfig(GRPOConfig):
     attention_layers: Optional[list[int]] = dataclasses.field(
         default=None, metadata={"help": "decoder layers to patch (default: the last)"})
     attention_backend: str = dataclasses.field(default="auto", metadata={"help": "ral_kernels backend"})
+    attention_allow_unlisted: bool = dataclasses.field(
+        default=False, metadata={"help": "patch a model family outside the tested list (its attention must dispatch "
+                                         "through ALL_ATTENTION_FUNCTIONS)"})
     teacher_ral_coef: float = dataclasses.field(
         default=0.0, metadata={"help": "attention distillation coefficient γ (needs teacher_model)"})
     teacher_attention_divergence: str = dataclasses.field(default="jsd", metadata={"help": "jsd | kl | reverse_kl"})
@@ -173,9 +178,9 @@ class RALGRPOTrainer(GRPOTrainer):
             TRL whose Liger loss bypasses ``_compute_loss``).
 
     Gradient checkpointing (TRL's default) stays on for every layer except the patched
-    one(s): recomputing a patched layer in the backward would run it outside the update
-    pass and lose the divergence's gradient. The fused op keeps no ``T x T`` map, so the
-    patched layer's activations are small next to the rest.
+    one(s), which :meth:`ral_trainer.RALPatch.update` runs without it: recomputing a
+    patched layer in the backward would run it outside the update pass. The fused op keeps
+    no ``T x T`` map, so the patched layer's activations are small next to the rest.
     """
 
     def __init__(self, model, reward_funcs, args: Optional[RALGRPOConfig] = None, *, teacher_model=None,
@@ -195,7 +200,8 @@ class RALGRPOTrainer(GRPOTrainer):
                 "dropped. Set use_liger_kernel=False (Liger's layer kernels can still be applied to the model "
                 "yourself), or use a TRL whose compute_loss always calls _compute_loss (>= 1.10)")
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
-        self.ral_patch = patch_model(unwrap_model(self.model), args.attention_layers, backend=args.attention_backend)
+        self.ral_patch = patch_model(unwrap_model(self.model), args.attention_layers, backend=args.attention_backend,
+                                     allow_unlisted=args.attention_allow_unlisted)
         self.teacher_model = teacher_model
         self.teacher_patch = None
         if teacher_model is not None:
@@ -204,10 +210,9 @@ class RALGRPOTrainer(GRPOTrainer):
             dev = next(unwrap_model(self.model).parameters()).device
             teacher_model.to(dev)
             n_student = len(self.ral_patch.layers)
-            from ..models import decoder_layers
-            nt = len(decoder_layers(teacher_model))
+            nt = len(decoder_layers(teacher_model, args.attention_allow_unlisted))
             self.teacher_patch = patch_model(teacher_model, list(range(nt - n_student, nt)),
-                                             backend=args.attention_backend)
+                                             backend=args.attention_backend, allow_unlisted=args.attention_allow_unlisted)
         # The term moves only if some micro-batch of a rollout comes after an optimizer step on
         # it. vLLM's importance-sampling correction makes TRL compute old log-probs every time,
         # but those equal the current ones too when the schedule above holds: no capture then.
@@ -340,7 +345,6 @@ class RALGRPOTrainer(GRPOTrainer):
             mask = mask * inputs["tool_mask"]
         rows = torch.zeros(mask.shape[0], p + c, dtype=torch.bool, device=mask.device)
         rows[:, p - 1:p + c - 1] = mask.bool()  # row t-1 produces completion token t
-        self._no_checkpoint_on_patched_layers()
         old = self._ral_old.select(idx) if use_old else None
         teacher = self._teacher_capture(inputs, p, c) if use_teacher else None
         with self.ral_patch.update(old, rows, divergence=self.args.attention_divergence, teacher=teacher,
@@ -364,13 +368,6 @@ class RALGRPOTrainer(GRPOTrainer):
             loss = loss + tcoef * tterm.to(loss.dtype)
             self._log_ral(mode, "ral/teacher_attention_loss", "ral/teacher_attention_div", tterm * div_by, tdiv, m)
         return loss
-
-    def _no_checkpoint_on_patched_layers(self):
-        from ..models import decoder_layers
-        layers = decoder_layers(self.ral_patch.model)
-        for i in self.ral_patch.layers:
-            if getattr(layers[i], "gradient_checkpointing", False):
-                layers[i].gradient_checkpointing = False
 
     def _log_ral(self, mode, loss_key, div_key, term, div, m):
         g = self.accelerator.gather

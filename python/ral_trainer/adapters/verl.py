@@ -42,7 +42,7 @@ import torch
 
 import ral_kernels
 
-from ..models import decoder_layers, unwrap_model
+from ..models import unwrap_model
 from ..patch import LayerCapture, OldPolicy, PatchError, patch_model
 from ..guard import ZeroTermGuard, deprecated_alias, warn_zero_schedule
 from . import check_version
@@ -86,6 +86,8 @@ class RALVerlConfig:
         attention_divergence: ``"jsd"`` (paper), ``"kl"`` (KL(old‖new)) or ``"reverse_kl"``.
         attention_layers: decoder-layer indices to patch (default: the last one, as the paper).
         attention_backend: ``ral_kernels`` backend (``"auto"``: Triton on CUDA, else torch).
+        attention_allow_unlisted: patch a model family outside the tested list whose attention
+            dispatches through ``ALL_ATTENTION_FUNCTIONS`` (checked).
         loss_agg_mode: override verl's ``actor.loss_agg_mode`` for the attention term
             (default: the one of verl's own ``ppo_loss`` config).
         attention_coef: deprecated name of ``ral_coef`` (DeprecationWarning).
@@ -95,6 +97,7 @@ class RALVerlConfig:
     attention_divergence: str = "jsd"
     attention_layers: Optional[list] = None
     attention_backend: str = "auto"
+    attention_allow_unlisted: bool = False
     loss_agg_mode: Optional[str] = None
     attention_coef: Optional[float] = None
 
@@ -229,7 +232,8 @@ class RALVerlAdapter:
                              "(worker.init_model())")
         self.engine = engine
         self.model = unwrap_model(engine.module)
-        self.patch = patch_model(self.model, config.attention_layers, backend=config.attention_backend)
+        self.patch = patch_model(self.model, config.attention_layers, backend=config.attention_backend,
+                                 allow_unlisted=config.attention_allow_unlisted)
         self._store: dict = {}  # (length, token bytes) -> {layer: (q_rows [Ho, n, D], k [Hk, L, D])}
         self._sm_scale: dict = {}
         self._no_capture = 0
@@ -333,10 +337,6 @@ class RALVerlAdapter:
         dev = micro_batch["input_ids"].values().device
         old = self._old_for(layout, dev)
         rows = layout.row_mask(layout.offsets[-1], dev)
-        layers = decoder_layers(self.model)
-        for i in self.patch.layers:  # a checkpointed patched layer would recompute outside the update block
-            if getattr(layers[i], "gradient_checkpointing", False):
-                layers[i].gradient_checkpointing = False
         cfg = self.config
         state = {}
 
