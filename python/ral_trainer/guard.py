@@ -42,7 +42,9 @@ class ZeroTermGuard:
     Call :meth:`observe` once per update micro-batch with its divergence ``[B, R]`` (or
     any shape), the mask of the tokens that carry it, and ``moved``: True when at least
     one optimizer step was taken since the old policy of this micro-batch was captured
-    (before that step θ = θ_old and a zero divergence is expected).
+    and the rollout batch had a learning signal (some non-zero advantage). Before such a
+    step θ = θ_old and a zero divergence is expected; with all advantages zero (every
+    sample of every group scored alike) the weights need not move either.
     """
 
     def __init__(self, patience: int = 8, where: str = "the trainer"):

@@ -51,7 +51,7 @@ import ral_kernels
 
 from .layout import _causal, _layout_from
 from .models import check_patchable_layer, decoder_layers, model_type, unwrap_model
-from .policy import LayerCapture, OldPolicy, PatchError
+from .policy import OFFLOAD_TARGETS, LayerCapture, OldPolicy, PatchError
 
 ATTN_NAME = "ral_fused"
 
@@ -105,10 +105,11 @@ class CaptureContext:
     ``.attention_rows`` (if requested) the head-averaged attention rows of the response,
     ``{layer: [B, R, T] float32}`` (for metrics only)."""
 
-    def __init__(self, num_rows, with_lse, record_attention):
+    def __init__(self, num_rows, with_lse, record_attention, offload=None):
         self.num_rows = num_rows
         self.with_lse = with_lse
         self.record_attention = record_attention
+        self.offload = offload
         self.layers: dict = {}
         self.attention_rows: dict = {}
         self.old_policy: Optional[OldPolicy] = None
@@ -184,7 +185,8 @@ class RALPatch:
 
     # ---- modes
     @contextlib.contextmanager
-    def capture(self, num_rows: Optional[int] = None, *, with_lse: bool = False, record_attention: bool = False):
+    def capture(self, num_rows: Optional[int] = None, *, with_lse: bool = False, record_attention: bool = False,
+                offload: Optional[str] = None):
         """Capture the old policy (or teacher) during the forward run inside the block.
 
         Args:
@@ -193,8 +195,16 @@ class RALPatch:
             with_lse: also keep per-row log-sum-exp (saves one sweep in the update pass).
             record_attention: also keep the head-averaged attention rows of those rows
                 (``[B, R, T]``, for metrics such as attention entropy and mass on a region).
+            offload: ``"cpu"``: keep the cache in host memory (pinned when the model is on
+                a GPU), each layer's as soon as it is captured; ``old.select(idx)`` brings
+                a minibatch's rows back. ``None`` (default): keep it on the model's device.
+
+        Works under ``torch.no_grad()`` and ``torch.inference_mode()`` (the cache is copied
+        out of inference mode so that a later update pass can save it for backward).
         """
-        self._enter("capture", CaptureContext(num_rows, with_lse, record_attention))
+        if offload not in OFFLOAD_TARGETS:
+            raise PatchError(f"offload must be None or 'cpu', got {offload!r}")
+        self._enter("capture", CaptureContext(num_rows, with_lse, record_attention, offload))
         ctx = self._ctx
         try:
             yield ctx
@@ -293,7 +303,7 @@ class RALPatch:
                 cache = ral_kernels.make_old_policy_cache(qp.detach(), kp.detach(), num_rows=r,
                                                           with_lse=ctx.with_lse, key_mask=layout.key_mask,
                                                           old_sm_scale=scale)
-            ctx.layers[state.layer_idx] = LayerCapture(cache, scale, layout.key_mask, t)
+            ctx.layers[state.layer_idx] = LayerCapture(cache, scale, layout.key_mask, t).offload(ctx.offload)
             if ctx.record_attention:
                 ctx.attention_rows[state.layer_idx] = _attention_rows(qp, kp, layout.key_mask, r, scale)
             return _original_fn(module, state.orig_impl)(module, q, k, v, mask, dropout=dropout, scaling=scaling,
@@ -317,6 +327,7 @@ class RALPatch:
         out = None
         dt = q.dtype
         for cap, div_name, store, what in targets:
+            cap = cap.to(q.device)  # an offloaded capture used without select()
             self._check_aligned(cap, km, rm, state.layer_idx, what)
             c = cap.cache
             kw = dict(causal=True, sm_scale=scale, old_sm_scale=cap.sm_scale, divergence=div_name,

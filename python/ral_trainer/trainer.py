@@ -61,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     layers: Optional[list] = None  # patched decoder layers (default: last)
     backend: str = "auto"
+    offload_cache: Optional[str] = None  # "cpu": keep the old-policy cache in host memory between passes
     log_attention: bool = True
     # on-policy distillation (with a teacher): + mu * token KD + gamma * attention divergence
     distill_mu: float = 1.0
@@ -210,7 +211,8 @@ class RALTrainer:
             for s in range(0, N, mb):
                 idx = torch.arange(s, min(s + mb, N))
                 kw, rows, c, cm = self._inputs(roll, idx)
-                with self.patch.capture(num_rows=R + 1, record_attention=cfg.log_attention) as cap:
+                with self.patch.capture(num_rows=R + 1, record_attention=cfg.log_attention,
+                                        offload=cfg.offload_cache) as cap:
                     lg = self._logits(self.model, kw, R)
                 old_logp.append(losses.token_logprobs(lg, c, cfg.temperature))
                 parts.append(cap.old_policy)
@@ -234,6 +236,7 @@ class RALTrainer:
         tok_losses, ral_terms, divs, stats = [], [], [], {}
         kd_terms, tdivs = [], []
         opt_steps = 0  # optimizer steps taken on this rollout batch so far
+        signal = bool((adv != 0).any())  # without it the weights need not move
         for _ in range(cfg.num_iterations):
             perm = torch.randperm(N)
             for s in range(0, N, mb):
@@ -253,7 +256,7 @@ class RALTrainer:
                                               ref_logp=None if ref_logp is None else ref_logp[idx], **lt)
                     div = upd.divergence[:, -R - 1:-1]
                     if cfg.ral_coef:
-                        self.zero_guard.observe(div, cm, moved=opt_steps > 0)
+                        self.zero_guard.observe(div, cm, moved=opt_steps > 0 and signal)
                     ral = losses.ral_term(div, adv[idx], cm, **lt)
                     loss = pg + cfg.ral_coef * ral
                     if teach is not None:

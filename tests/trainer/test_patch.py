@@ -4,6 +4,8 @@ at θ = θ_old, gradient routing, unpatch, packed inputs, teachers with other sh
 from __future__ import annotations
 
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -400,3 +402,58 @@ def test_update_under_gradient_checkpointing(reentrant):
     torch.testing.assert_close(d1, d0, atol=0, rtol=0)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+# --------------------------------------------------------------------------- the cache: inference mode, offload
+
+def _capture_update(model, kw, rows, grad_mode, **cap_kw):
+    patch = patch_model(model)
+    w = model.model.layers[-1].self_attn.q_proj.weight
+    w0 = w.detach().clone()
+    with grad_mode(), patch.capture(num_rows=6, with_lse=True, **cap_kw) as cap:
+        model(**kw)
+    with torch.no_grad():
+        w.mul_(1.5)
+    model.zero_grad(set_to_none=True)
+    with patch.update(cap.old_policy.select(torch.arange(rows.shape[0])), rows) as upd:
+        model(**kw)
+    upd.divergence.sum().backward()
+    g = model.model.layers[-1].self_attn.q_proj.weight.grad.clone()
+    with torch.no_grad():
+        w.copy_(w0)
+    patch.unpatch()
+    return cap.old_policy, upd.divergence.detach(), g
+
+
+def test_capture_under_inference_mode_trains():
+    """vLLM-style scoring passes run under torch.inference_mode(): the cache must still be
+    usable in a later update pass with gradients."""
+    model = tiny_model("qwen2")
+    kw, rows = make_batch("qwen2")
+    old_nograd, d0, g0 = _capture_update(model, kw, rows, torch.no_grad)
+    old_inf, d1, g1 = _capture_update(model, kw, rows, torch.inference_mode)
+    cap = old_inf.layers[1]
+    assert not any(t.is_inference() for t in (cap.cache.q_old, cap.cache.k_old, cap.cache.lse_old))
+    assert d0[rows].min() > 0
+    torch.testing.assert_close(d1, d0, atol=0, rtol=0)
+    torch.testing.assert_close(g1, g0, atol=0, rtol=0)
+
+
+def test_offloaded_cache_gives_the_same_update():
+    model = tiny_model("qwen2")
+    kw, rows = make_batch("qwen2")
+    old0, d0, g0 = _capture_update(model, kw, rows, torch.no_grad)
+    old1, d1, g1 = _capture_update(model, kw, rows, torch.no_grad, offload="cpu")
+    c0, c1 = old0.layers[1].cache, old1.layers[1].cache
+    assert c1.q_old.device.type == "cpu" and c1.q_old.data_ptr() != c0.q_old.data_ptr()  # a copy, not a view
+    assert old1.nbytes() == old0.nbytes()
+    torch.testing.assert_close(d1, d0, atol=0, rtol=0)
+    torch.testing.assert_close(g1, g0, atol=0, rtol=0)
+    # an offloaded capture comes home per minibatch: pretend the model lives on the meta device
+    home = dataclasses.replace(old1.layers[1], device=torch.device("meta"))
+    assert home.offloaded
+    sel = home.select(torch.tensor([2, 0]))
+    assert sel.cache.q_old.device.type == "meta" and sel.cache.q_old.shape[0] == 2 and not sel.offloaded
+    with pytest.raises(PatchError, match="offload must be None or 'cpu'"):
+        with patch_model(model).capture(offload="disk"):
+            pass

@@ -108,3 +108,22 @@ def test_on_policy_distillation_step():
     rec = t.train_step()
     assert rec["token_kd"] > 0 and rec["teacher_attn_divergence"] > 0
     assert any(not torch.equal(before[n], p) for n, p in t.model.named_parameters())
+
+
+def test_offloaded_cache_trains_the_same():
+    a = _trainer()
+    a.train(2)
+    b = _trainer(offload_cache="cpu")  # after a's run: both start from the same global RNG state
+    b.train(2)
+    assert max(r["attn_divergence"] for r in a.history) > 0
+    assert [r["attn_divergence"] for r in a.history] == [r["attn_divergence"] for r in b.history]
+    for (n, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(pa, pb), n
+
+
+def test_runtime_guard_warns_when_weights_cannot_move():
+    t = _trainer(lr=0.0)
+    t.zero_guard.patience = 2
+    with pytest.warns(ZeroAttentionTermWarning, match="exactly 0 on 2 consecutive updates"):
+        t.train(3)  # the first steps' rewards may all be equal (no learning signal): not judged
+    assert t.zero_guard.warned

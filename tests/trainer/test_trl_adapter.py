@@ -283,3 +283,15 @@ def test_vl_model_images_reach_the_attention_term(tmp_path):
         assert grid.tolist()[0] == [1, 4, 4] and n_img.tolist() == [4] * len(n_img)  # 32 px: 2 x 2 merged tokens
     hist = [h for h in tr.state.log_history if "ral/attention_div" in h]
     assert len(hist) == 2 and hist[0]["ral/attention_div"] < 1e-6 < hist[1]["ral/attention_div"]
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+def test_torch_compile_trains_two_steps(tmp_path):
+    """TRL's torch_compile=True compiles the patched model (HF's transposed q/k/v layout into
+    the fused op's fake and real kernels); 2 steps train and the second carries the term."""
+    tr = make_trainer(tmp_path, num_iterations=2, max_steps=2, torch_compile=True)
+    tr.train()
+    hist = [h for h in tr.state.log_history if "ral/attention_div" in h]
+    assert len(hist) == 2 and hist[0]["ral/attention_div"] < 1e-6 < hist[1]["ral/attention_div"]
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())

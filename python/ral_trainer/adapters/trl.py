@@ -86,6 +86,8 @@ class RALGRPOConfig(GRPOConfig):
         attention_head_reduction: ``"mean"``: the policy is the head-averaged attention row (paper).
         attention_layers: decoder-layer indices to patch (default: the last one, as the paper).
         attention_backend: ``ral_kernels`` backend (``"auto"``: Triton on CUDA, else torch).
+        attention_cache_offload: ``"cpu"``: keep the old-policy cache in (pinned) host memory
+            between the old-log-prob pass and the updates; each micro-batch's rows move back.
         attention_allow_unlisted: patch a model family outside ``ral_trainer.SUPPORTED_ARCHITECTURES``
             whose attention dispatches through ``ALL_ATTENTION_FUNCTIONS`` (checked).
         teacher_ral_coef: γ of the on-policy attention distillation term
@@ -102,6 +104,9 @@ class RALGRPOConfig(GRPOConfig):
     attention_layers: Optional[list[int]] = dataclasses.field(
         default=None, metadata={"help": "decoder layers to patch (default: the last)"})
     attention_backend: str = dataclasses.field(default="auto", metadata={"help": "ral_kernels backend"})
+    attention_cache_offload: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "'cpu': keep the old-policy attention cache in host memory between the "
+                                        "old-log-prob pass and the updates (moved back per micro-batch)"})
     attention_allow_unlisted: bool = dataclasses.field(
         default=False, metadata={"help": "patch a model family outside the tested list (its attention must dispatch "
                                          "through ALL_ATTENTION_FUNCTIONS)"})
@@ -122,6 +127,8 @@ class RALGRPOConfig(GRPOConfig):
         if self.teacher_attention_divergence not in ("jsd", "kl", "reverse_kl"):
             raise ValueError("teacher_attention_divergence must be 'jsd', 'kl' or 'reverse_kl', got "
                              f"{self.teacher_attention_divergence!r}")
+        if self.attention_cache_offload not in (None, "cpu"):
+            raise ValueError(f"attention_cache_offload must be None or 'cpu', got {self.attention_cache_offload!r}")
         if self.attention_head_reduction != "mean":
             raise ValueError(f"attention_head_reduction={self.attention_head_reduction!r}: the patched layers compute "
                              "the head-averaged policy (RAL's definition); only 'mean' is supported")
@@ -221,6 +228,7 @@ class RALGRPOTrainer(GRPOTrainer):
         self._ral_capture_parts: Optional[list] = None
         self._ral_old: Optional[OldPolicy] = None
         self._ral_capture_step = 0
+        self._ral_signal = False
         self._ral_zero_warned = False
         self.ral_zero_guard = ZeroTermGuard(where="RALGRPOTrainer")
         if args.ral_coef and not self._ral_needs_old:
@@ -282,6 +290,7 @@ class RALGRPOTrainer(GRPOTrainer):
                 raise PatchError(f"RAL: captured {old.batch_size} sequences but the rollout batch has {b}")
             self._ral_old = old
             self._ral_capture_step = self.state.global_step
+            self._ral_signal = bool((out["advantages"] != 0).any())
             out["ral_index"] = torch.arange(b, device=out["completion_ids"].device)
         return out
 
@@ -294,7 +303,7 @@ class RALGRPOTrainer(GRPOTrainer):
         patch, parts, state = self.ral_patch, [], {}
 
         def pre(mod, a, kw):
-            cm = patch.capture(num_rows=logits_to_keep + 1)
+            cm = patch.capture(num_rows=logits_to_keep + 1, offload=self.args.attention_cache_offload)
             state["ctx"] = cm.__enter__()
             state["cm"] = cm
 
@@ -356,7 +365,8 @@ class RALGRPOTrainer(GRPOTrainer):
         if use_old:
             div = upd.divergence[:, p - 1:p + c - 1]
             if mode == "train":
-                self.ral_zero_guard.observe(div, mask, moved=self.state.global_step > self._ral_capture_step)
+                moved = self._ral_signal and self.state.global_step > self._ral_capture_step
+                self.ral_zero_guard.observe(div, mask, moved=moved)
             adv = inputs["advantages"].float()
             term = ral_kernels.ral_loss(div, adv, mask, **kw) / div_by
             loss = loss + coef * term.to(loss.dtype)
