@@ -33,9 +33,9 @@ def _normal(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A copy in host memory, pinned when it comes from a GPU (so moving it back per
-    minibatch can overlap with compute)."""
-    if t is None:
-        return None
+    minibatch can overlap with compute); a tensor already in host memory stays as it is."""
+    if t is None or t.device.type == "cpu":
+        return t
     out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
     out.copy_(t)
     return out

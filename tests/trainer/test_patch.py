@@ -444,9 +444,8 @@ def test_offloaded_cache_gives_the_same_update():
     kw, rows = make_batch("qwen2")
     old0, d0, g0 = _capture_update(model, kw, rows, torch.no_grad)
     old1, d1, g1 = _capture_update(model, kw, rows, torch.no_grad, offload="cpu")
-    c0, c1 = old0.layers[1].cache, old1.layers[1].cache
-    assert c1.q_old.device.type == "cpu" and c1.q_old.data_ptr() != c0.q_old.data_ptr()  # a copy, not a view
-    assert old1.nbytes() == old0.nbytes()
+    c1 = old1.layers[1].cache
+    assert c1.q_old.device.type == "cpu" and old1.nbytes() == old0.nbytes()  # on a CPU model: kept as is
     torch.testing.assert_close(d1, d0, atol=0, rtol=0)
     torch.testing.assert_close(g1, g0, atol=0, rtol=0)
     # an offloaded capture comes home per minibatch: pretend the model lives on the meta device
