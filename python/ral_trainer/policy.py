@@ -31,7 +31,7 @@ def _normal(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return t.clone()
 
 
-def _to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A copy in host memory, pinned when it comes from a GPU (so moving it back per
     minibatch can overlap with compute); a tensor already in host memory stays as it is."""
     if t is None or t.device.type == "cpu":
@@ -98,7 +98,7 @@ class LayerCapture:
             return self
         if target != "cpu":
             raise ValueError(f"offload must be None or 'cpu', got {target!r}")
-        return self._with(_to_host)
+        return self._with(to_host)
 
     def nbytes(self) -> int:
         c = self.cache

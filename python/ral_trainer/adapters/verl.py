@@ -44,6 +44,7 @@ import ral_kernels
 
 from ..models import unwrap_model
 from ..patch import LayerCapture, OldPolicy, PatchError, patch_model
+from ..policy import OFFLOAD_TARGETS, to_host
 from ..guard import ZeroTermGuard, deprecated_alias, warn_zero_schedule
 from . import check_version
 
@@ -71,7 +72,8 @@ from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.utils.metric import AggregationType, Metric  # noqa: E402
 from verl.workers.utils.padding import no_padding_2_padding  # noqa: E402
 
-__all__ = ["RALVerlAdapter", "RALVerlConfig", "verl_normalized_ral_loss", "VERL_RANGE", "RALActorRolloutRefWorker"]
+__all__ = ["RALVerlAdapter", "RALVerlConfig", "verl_normalized_ral_loss", "VERL_RANGE", "RALActorRolloutRefWorker",
+           "attach_to_worker", "install_worker_hook", "ray_setup_hook"]
 
 VERL_LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
                        "seq-mean-token-sum-norm")
@@ -90,6 +92,8 @@ class RALVerlConfig:
             dispatches through ``ALL_ATTENTION_FUNCTIONS`` (checked).
         loss_agg_mode: override verl's ``actor.loss_agg_mode`` for the attention term
             (default: the one of verl's own ``ppo_loss`` config).
+        cache_offload: ``"cpu"``: keep the captured old-policy attention in (pinned) host
+            memory between ``compute_log_prob`` and ``update_actor``.
         attention_coef: deprecated name of ``ral_coef`` (DeprecationWarning).
     """
 
@@ -99,6 +103,7 @@ class RALVerlConfig:
     attention_backend: str = "auto"
     attention_allow_unlisted: bool = False
     loss_agg_mode: Optional[str] = None
+    cache_offload: Optional[str] = None
     attention_coef: Optional[float] = None
 
     def __post_init__(self):
@@ -107,6 +112,8 @@ class RALVerlConfig:
             raise ValueError(f"attention_divergence must be 'jsd', 'kl' or 'reverse_kl', got {self.attention_divergence!r}")
         if self.ral_coef < 0:
             raise ValueError(f"ral_coef must be >= 0, got {self.ral_coef}")
+        if self.cache_offload not in OFFLOAD_TARGETS:
+            raise ValueError(f"cache_offload must be None or 'cpu', got {self.cache_offload!r}")
         if self.loss_agg_mode is not None and self.loss_agg_mode not in VERL_LOSS_AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {VERL_LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
 
@@ -238,17 +245,21 @@ class RALVerlAdapter:
         self._sm_scale: dict = {}
         self._no_capture = 0
         self._warned_zero = False
+        self.zero_guard = ZeroTermGuard(where="the verl actor")
+        self._steps_since_capture = 0  # optimizer steps since the last compute_log_prob capture
         self._orig_forward_step = engine.forward_step
         self._orig_infer_batch = engine.infer_batch
         self._orig_disable_adapter = engine.disable_adapter
+        self._orig_optimizer_step = engine.optimizer_step
         engine.forward_step = self._forward_step
         engine.infer_batch = self._infer_batch
         engine.disable_adapter = self._disable_adapter
+        engine.optimizer_step = self._optimizer_step
         engine._ral_adapter = self
 
     def detach(self):
         """Restore the engine's methods and unpatch the model."""
-        for name in ("forward_step", "infer_batch", "disable_adapter"):
+        for name in ("forward_step", "infer_batch", "disable_adapter", "optimizer_step"):
             self.engine.__dict__.pop(name, None)
         self.engine.__dict__.pop("_ral_adapter", None)
         self.patch.unpatch()
@@ -271,7 +282,12 @@ class RALVerlAdapter:
     def _infer_batch(self, data, loss_function=None):
         if self._capturing():
             self._store.clear()  # a new rollout batch: its old policy replaces the previous one
+            self._steps_since_capture = 0
         return self._orig_infer_batch(data, loss_function=loss_function)
+
+    def _optimizer_step(self, *args, **kwargs):
+        self._steps_since_capture += 1
+        return self._orig_optimizer_step(*args, **kwargs)
 
     def _capturing(self):
         return bool(self.config.ral_coef) and self._no_capture == 0
@@ -304,7 +320,10 @@ class RALVerlAdapter:
             q, k = cap.cache.q_old, cap.cache.k_old
             for i, (p, n, s) in enumerate(zip(layout.pos0, layout.lengths, layout.starts)):
                 a = p + s - (t - r)  # q row index of the first kept row
-                per_seq[i][li] = (q[i, :, a:a + n - s].clone(), k[i, :, p:p + n].clone())
+                qi, ki = q[i, :, a:a + n - s].clone(), k[i, :, p:p + n].clone()
+                if self.config.cache_offload:
+                    qi, ki = to_host(qi), to_host(ki)
+                per_seq[i][li] = (qi, ki)
         for key, caps in zip(layout.keys(), per_seq):
             self._store[key] = caps
 
@@ -371,6 +390,8 @@ class RALVerlAdapter:
         with torch.no_grad():
             m = mask.float()
             div_mean = float((div_resp.float() * m).sum() / m.sum().clamp(min=1.0))
+            moved = self._steps_since_capture > 0 and bool(((adv != 0) & mask).any())
+        self.zero_guard.observe(div_resp, mask, moved)
         return term, div_mean, agg
 
     # ------------------------------------------------------------------ checks
@@ -387,22 +408,81 @@ class RALVerlAdapter:
         return False
 
 
+def attach_to_worker(worker) -> Optional["RALVerlAdapter"]:
+    """Attach :class:`RALVerlAdapter` to an initialized ``ActorRolloutRefWorker`` (after
+    its ``init_model``) when its config has an ``ral`` block with ``ral_coef > 0``
+    (Hydra: ``+actor_rollout_ref.ral.ral_coef=1.0``; the block sits beside ``actor``, not in
+    it, because verl builds its actor dataclass from ``actor`` and rejects unknown keys).
+    Returns the adapter (also stored as ``worker.ral_adapter``), or None for a worker
+    without an actor role or without RAL settings."""
+    if "actor" not in getattr(worker, "role", ""):
+        return None
+    cfg = worker.config
+    if "ral" in cfg.get("actor", {}):
+        raise PatchError("RAL: put the RAL settings in actor_rollout_ref.ral, not actor_rollout_ref.actor.ral (verl "
+                         "builds its actor config from actor_rollout_ref.actor and rejects unknown keys)")
+    ral = cfg.get("ral", None)
+    if not ral:
+        return None
+    ral = RALVerlConfig(**dict(ral.items()))
+    if not ral.ral_coef:
+        return None
+    worker.ral_adapter = RALVerlAdapter(worker.actor.engine, ral)
+    return worker.ral_adapter
+
+
+def install_worker_hook():
+    """Make every ``verl.workers.engine_workers.ActorRolloutRefWorker`` created in this
+    process attach the adapter at the end of its ``init_model``. Idempotent. Returns the
+    class."""
+    import functools
+
+    from verl.workers import engine_workers as ew
+
+    cls = ew.ActorRolloutRefWorker
+    if getattr(cls.init_model, "_ral_hooked", False):
+        return cls
+    orig = cls.init_model
+
+    @functools.wraps(orig)  # keeps verl's @register dispatch attributes
+    def init_model(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        attach_to_worker(self)
+        return out
+
+    init_model._ral_hooked = True
+    cls.init_model = init_model
+    return cls
+
+
+def ray_setup_hook():
+    """Ray ``worker_process_setup_hook`` (runs in every Ray worker process, before verl's
+    actors are created there): :func:`install_worker_hook`. Enable it from verl's Hydra
+    config alone, no launcher code::
+
+        +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=ral_trainer.adapters.verl.ray_setup_hook
+        +actor_rollout_ref.ral.ral_coef=1.0
+
+    (see ``examples/verl/ral_grpo_qwen2_5_vl.yaml``). Patching in the driver does not reach
+    verl's workers: its ``TaskRunner`` is a Ray actor that imports the worker class in its
+    own process."""
+    install_worker_hook()
+
+
 def _make_worker_cls():
     from verl.workers.engine_workers import ActorRolloutRefWorker
     from verl.single_controller.base.decorator import Dispatch, register
 
     class RALActorRolloutRefWorker(ActorRolloutRefWorker):
-        """verl's ``ActorRolloutRefWorker`` with the RAL adapter on its actor engine. Reads
-        :class:`RALVerlConfig` fields from ``actor_rollout_ref.actor.ral`` (Hydra:
-        ``+actor_rollout_ref.actor.ral.ral_coef=1.0``)."""
+        """verl's ``ActorRolloutRefWorker`` with the RAL adapter on its actor engine (for
+        launchers that register their own worker class). Reads :class:`RALVerlConfig`
+        fields from ``actor_rollout_ref.ral`` (Hydra: ``+actor_rollout_ref.ral.ral_coef=1.0``)."""
 
         @register(dispatch_mode=Dispatch.ONE_TO_ALL)
         def init_model(self):
             super().init_model()
-            if "actor" in self.role:
-                ral = self.config.actor.get("ral", None) or {}
-                ral = dict(ral.items()) if hasattr(ral, "items") else {}
-                self.ral_adapter = RALVerlAdapter(self.actor.engine, RALVerlConfig(**ral))
+            if not hasattr(self, "ral_adapter"):  # the process hook may have attached it already
+                attach_to_worker(self)
 
     return RALActorRolloutRefWorker
 
