@@ -66,7 +66,8 @@ def check_patchable_layer(model, layers: torch.nn.ModuleList, i: int) -> None:
         src = inspect.getsource(fwd)
     except (OSError, TypeError):  # no source to read: the runtime checks still apply
         src = "ALL_ATTENTION_FUNCTIONS"
-    if "ALL_ATTENTION_FUNCTIONS" not in src and "_attn_implementation" not in src:
+    routed = getattr(fwd, "_ral_routed", False)  # an adapter's forward that calls the patch itself
+    if not routed and "ALL_ATTENTION_FUNCTIONS" not in src and "_attn_implementation" not in src:
         where = getattr(fwd, "__module__", "?")
         raise UnsupportedArchitectureError(
             f"layer {i} of {type(model).__name__}: {type(attn).__name__}.forward (from {where}) does not look its "

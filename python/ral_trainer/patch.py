@@ -276,7 +276,11 @@ class RALPatch:
         self._mode, self._ctx = None, None
 
     # ---- the attention function
-    def _attention(self, state, module, q, k, v, mask, dropout, scaling, sliding_window, softcap, kwargs):
+    def _attention(self, state, module, q, k, v, mask, dropout, scaling, sliding_window, softcap, kwargs,
+                   capture_output=True):
+        """The patched layer's attention: ``[B, T, H, Dv]`` output (and ``None``) as HF's
+        attention functions return it. ``capture_output=False``: a capture records the
+        cache and returns None (for a caller that computes the output itself)."""
         mode = self._mode
         if mode is None or (mode == "capture" and q.shape[2] != k.shape[2]):
             return _original_fn(module, state.orig_impl)(module, q, k, v, mask, dropout=dropout, scaling=scaling,
@@ -306,6 +310,8 @@ class RALPatch:
             ctx.layers[state.layer_idx] = LayerCapture(cache, scale, layout.key_mask, t).offload(ctx.offload)
             if ctx.record_attention:
                 ctx.attention_rows[state.layer_idx] = _attention_rows(qp, kp, layout.key_mask, r, scale)
+            if not capture_output:
+                return None
             return _original_fn(module, state.orig_impl)(module, q, k, v, mask, dropout=dropout, scaling=scaling,
                                                          sliding_window=sliding_window, softcap=softcap, **kwargs)
         # update

@@ -42,7 +42,7 @@ import torch
 
 import ral_kernels
 
-from ..models import unwrap_model
+from ..models import decoder_layers, unwrap_model
 from ..patch import LayerCapture, OldPolicy, PatchError, patch_model
 from ..policy import OFFLOAD_TARGETS, to_host
 from ..guard import ZeroTermGuard, deprecated_alias, warn_zero_schedule
@@ -73,7 +73,7 @@ from verl.utils.metric import AggregationType, Metric  # noqa: E402
 from verl.workers.utils.padding import no_padding_2_padding  # noqa: E402
 
 __all__ = ["RALVerlAdapter", "RALVerlConfig", "verl_normalized_ral_loss", "VERL_RANGE", "RALActorRolloutRefWorker",
-           "attach_to_worker", "install_worker_hook", "ray_setup_hook"]
+           "attach_to_worker", "install_worker_hook", "ray_setup_hook", "route_verl_attention"]
 
 VERL_LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
                        "seq-mean-token-sum-norm")
@@ -202,6 +202,69 @@ class _BatchLayout:
         return torch.cat([div[i, :n] for i, n in enumerate(self.lengths)])
 
 
+def _qwen2_vl_routed_forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None,
+                             **kwargs):
+    """verl's Qwen2-VL / Qwen2.5-VL attention forward (``qwen2_vl_attn_forward``), except
+    inside RAL's capture / update blocks on a patched layer: there the queries and keys
+    (after M-RoPE) go to the patch, and an update returns the fused op's output. Packed
+    rows (``use_remove_padding``: one row, no mask) are read from the text position ids,
+    which restart at 0 for every sequence, as verl's flash-attention call reads them."""
+    from verl.models.transformers.qwen2_vl import qwen2_vl_attn_forward
+
+    state = getattr(self, "_ral_state", None)
+    patch = state.patch() if state is not None else None
+    mode = None if patch is None else patch._mode
+    if mode is None:
+        return qwen2_vl_attn_forward(self, hidden_states, attention_mask, position_ids, position_embeddings, **kwargs)
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_multimodal_rotary_pos_emb
+
+    b, t, _ = hidden_states.shape
+    q, k, v = (proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+               for proj in (self.q_proj, self.k_proj, self.v_proj))
+    cos, sin = position_embeddings
+    rope = getattr(self, "rope_scaling", None) or getattr(self, "rope_parameters", None) or {}
+    q, k = apply_multimodal_rotary_pos_emb(q, k, cos, sin, rope.get("mrope_section"))
+    extra = {}
+    if attention_mask is None and b == 1 and position_ids is not None:
+        pos = position_ids[0] if position_ids.dim() == 3 else position_ids  # [1, T] text positions
+        starts = (pos[0] == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            raise PatchError("RAL: packed Qwen2-VL input whose position ids do not start at 0")
+        cu = torch.tensor(starts + [t], dtype=torch.int32, device=q.device)
+        extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
+    dropout = self.attention_dropout if self.training else 0.0
+    out = patch._attention(state, self, q, k, v, attention_mask, dropout, self.scaling, None, None, extra,
+                           capture_output=False)
+    if mode == "capture":  # the cache is recorded; verl's forward gives the output, as without RAL
+        return qwen2_vl_attn_forward(self, hidden_states, attention_mask, position_ids, position_embeddings, **kwargs)
+    return self.o_proj(out[0].reshape(b, t, -1)), None
+
+
+_qwen2_vl_routed_forward._ral_routed = True
+
+
+def route_verl_attention(model) -> int:
+    """verl's monkey patch for Qwen2-VL / Qwen2.5-VL with ``use_remove_padding=True`` (its
+    default) replaces the attention class's forward with one that calls flash-attention
+    itself and never consults ``ALL_ATTENTION_FUNCTIONS``: a patched layer would be
+    bypassed. Give each such attention module of ``model`` a forward that runs verl's
+    outside RAL's capture / update blocks and the patch inside them. Returns how many
+    modules were routed (0 for models verl did not patch that way)."""
+    import types
+
+    try:
+        from verl.models.transformers.qwen2_vl import qwen2_vl_attn_forward
+    except ImportError:  # pragma: no cover - a verl without it has nothing to route
+        return 0
+    n = 0
+    for layer in decoder_layers(model, allow_unlisted=True):
+        attn = layer.self_attn
+        if type(attn).forward is qwen2_vl_attn_forward and "forward" not in attn.__dict__:
+            attn.forward = types.MethodType(_qwen2_vl_routed_forward, attn)
+            n += 1
+    return n
+
+
 class RALVerlAdapter:
     """Plug RAL into an initialized verl ``FSDPEngineWithLMHead`` (the actor's engine).
 
@@ -239,6 +302,7 @@ class RALVerlAdapter:
                              "(worker.init_model())")
         self.engine = engine
         self.model = unwrap_model(engine.module)
+        self.routed_layers = route_verl_attention(self.model)
         self.patch = patch_model(self.model, config.attention_layers, backend=config.attention_backend,
                                  allow_unlisted=config.attention_allow_unlisted)
         self._store: dict = {}  # (length, token bytes) -> {layer: (q_rows [Ho, n, D], k [Hk, L, D])}
