@@ -71,13 +71,13 @@ def _segments_layout(lengths: list, device) -> _Layout:
     return _Layout(key_mask, (lengths, bi, pi, width))
 
 
-def _causal(tq: int, tk: int, device) -> torch.Tensor:
+def causal_mask(tq: int, tk: int, device) -> torch.Tensor:
     i = torch.arange(tq, device=device)[:, None]
     j = torch.arange(tk, device=device)[None, :]
     return j <= i + (tk - tq)
 
 
-def _layout_from(mask, q, k, kwargs, impl=None) -> _Layout:
+def layout_from(mask, q, k, kwargs, impl=None) -> _Layout:
     """Read key padding (or packing) from whatever mask the model's own implementation
     built: ``None`` (plain causal), a 2D padding mask (flash), a 4D bool (sdpa) or
     additive float (eager) mask."""
@@ -105,7 +105,7 @@ def _layout_from(mask, q, k, kwargs, impl=None) -> _Layout:
     allowed = mask[:, 0] if mask.dtype == torch.bool else (mask[:, 0] > torch.finfo(mask.dtype).min / 2)
     if allowed.shape[-2:] != (tq, tk):
         allowed = allowed[..., -tq:, -tk:]
-    causal = _causal(tq, tk, q.device)
+    causal = causal_mask(tq, tk, q.device)
     key_mask = allowed[:, -1, :] | ~causal[-1][None, :]  # the last row sees every valid key
     # Rows of padding queries are not compared: implementations differ there (all masked, or
     # all unmasked to avoid NaN), and their outputs never reach a real token. A row the last

@@ -49,7 +49,7 @@ import torch
 
 import ral_kernels
 
-from .layout import _causal, _layout_from
+from .layout import causal_mask, layout_from
 from .models import check_patchable_layer, decoder_layers, model_type, unwrap_model
 from .policy import OFFLOAD_TARGETS, LayerCapture, OldPolicy, PatchError
 
@@ -161,7 +161,7 @@ def _attention_rows(q, k, layout_key_mask, num_rows, scale):
     if kf.shape[1] != qr.shape[1]:
         kf = kf.repeat_interleave(qr.shape[1] // kf.shape[1], dim=1)
     s = torch.einsum("bhrd,bhtd->bhrt", qr, kf) * scale
-    allowed = _causal(q.shape[2], k.shape[2], q.device)[-num_rows:][None, None]
+    allowed = causal_mask(q.shape[2], k.shape[2], q.device)[-num_rows:][None, None]
     if layout_key_mask is not None:
         allowed = allowed & layout_key_mask[:, None, None, :]
     s = s.masked_fill(~allowed, float("-inf"))
@@ -295,7 +295,7 @@ class RALPatch:
             raise PatchError("update passes need the whole sequence in one forward (no KV cache): got "
                              f"{q.shape[2]} queries for {k.shape[2]} keys")
         scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
-        layout = _layout_from(mask, q, k, kwargs, state.orig_impl)
+        layout = layout_from(mask, q, k, kwargs, state.orig_impl)
         if mode == "capture":
             ctx: CaptureContext = self._ctx
             qp, kp = layout.to_padded(q), layout.to_padded(k)

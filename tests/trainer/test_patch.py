@@ -293,14 +293,19 @@ def test_left_and_right_padding():
     kw["input_ids"][0, -2:] = 0
     rows[0, -2:] = False
     ref = model(**kw).logits
-    patch = patch_model(model)
+    out, upd = _capture_and_update(patch_model(model), model, kw, rows)
+    valid = kw["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
+    assert torch.all(upd.divergence[0, -2:] == 0)
+
+
+def _capture_and_update(patch, model, kw, rows):
+    """Capture on ``kw``, then the update pass on the same tokens: (logits, update context)."""
     with torch.no_grad(), patch.capture(num_rows=6) as cap:
         model(**kw)
     with patch.update(cap.old_policy, rows) as upd:
         out = model(**kw).logits
-    valid = kw["attention_mask"].bool()
-    torch.testing.assert_close(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
-    assert torch.all(upd.divergence[0, -2:] == 0)
+    return out, upd
 
 
 # --------------------------------------------------------------------------- which models can be patched
@@ -321,10 +326,7 @@ def test_unlisted_model_by_opt_in():
         patch_model(model)
     ref = model(**kw).logits
     patch = patch_model(model, allow_unlisted=True)
-    with torch.no_grad(), patch.capture(num_rows=6) as cap:
-        model(**kw)
-    with patch.update(cap.old_policy, rows) as upd:
-        out = model(**kw).logits
+    out, upd = _capture_and_update(patch, model, kw, rows)
     valid = kw["attention_mask"].bool()
     torch.testing.assert_close(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
     assert upd.divergence.abs().max() < 1e-6 and set(upd.per_layer) == {1}

@@ -51,7 +51,7 @@ def _build(env: pathlib.Path) -> pathlib.Path:
         return _python(env)
     venv.EnvBuilder(system_site_packages=True, clear=True, with_pip=True).create(env)
     py = _python(env)
-    cmd = [str(py), "-m", "pip", "install", "--no-build-isolation", "-e", ".[verl]"]
+    cmd = [str(py), "-m", "pip", "install", "-e", ".[verl]"]
     res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "RAL_SKIP_CUDA_BUILD": "1"}, capture_output=True,
                          text=True, timeout=1800)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
