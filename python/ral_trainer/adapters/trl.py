@@ -200,7 +200,7 @@ class RALGRPOTrainer(GRPOTrainer):
             raise ValueError(f"loss_type={args.loss_type!r} has no RAL normalization; use one of {sorted(_LOSS_MAP)}")
         if args.teacher_ral_coef and teacher_model is None:
             raise ValueError("teacher_ral_coef > 0 needs teacher_model=")
-        if args.use_liger_kernel and args.ral_coef and _liger_bypasses_compute_loss():
+        if args.use_liger_kernel and (args.ral_coef or args.teacher_ral_coef) and _liger_bypasses_compute_loss():
             raise ValueError(
                 f"use_liger_kernel=True with trl {_trl_version()}: GRPOTrainer.compute_loss then routes to "
                 "compute_liger_loss, which never calls _compute_loss, so the RAL attention term would silently be "
