@@ -8,7 +8,8 @@ paths) / ``prepare_model_outputs``, verl's ``ppo_loss`` and ``agg_loss``, and ve
 (FSDP wrapping, optimizer; verl's monkey patch imports a TRL class that TRL 1.x removed
 and FSDP needs an accelerator), so the tiny model is set as ``engine.module`` unwrapped,
 and verl's device helpers are pointed at the CPU (verl's platform registry only knows
-accelerators). Ray workers are not started.
+accelerators). The Ray route is in test_verl_ray.py, Qwen2.5-VL packed in test_verl_qwen2_vl.py;
+all three run in the verl environment that test_verl_env.py builds.
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ import os
 import pytest
 import torch
 
-verl = pytest.importorskip(
-    "verl", reason="verl is not a test dependency: verl 0.9.1 declares transformers<5.11, which pip cannot install "
-                   "beside this project's transformers>=5.17; install it with pip install --no-deps 'verl==0.9.*' "
-                   "and the [verl] extra to run these tests")
+verl = pytest.importorskip("verl", reason="runs in the verl environment built by tests/trainer/test_verl_env.py")
 
 import ral_kernels  # noqa: E402
 from ral_trainer.adapters import UnsupportedVersionError  # noqa: E402
