@@ -133,3 +133,11 @@ def test_runtime_guard_warns_when_weights_cannot_move():
         while not t.zero_guard.warned and t.step < 4:  # a step whose rewards are all equal is not judged
             t.train_step()
     assert t.zero_guard.warned
+
+
+def test_cli_ral_coef_and_deprecated_lam():
+    from ral_trainer.demo import _parse
+
+    assert _parse(["--ral-coef", "0.5"]).ral_coef == 0.5
+    with pytest.warns(DeprecationWarning, match="--ral-coef"):
+        assert _parse(["--lam", "2"]).ral_coef == 2.0
