@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,35 @@ def test_sanitizer_reports_are_read(tool, run, status, errors):
     assert (got["status"], got["errors"]) == (status, errors), got
     if status == "fail":
         assert got["findings"] and any("attn" in k for k in got["kernels"]), got
+
+
+FAKE_SANITIZER = """#!/bin/sh
+tool=$2
+shift 4  # --tool TOOL --print-limit N
+"$@"
+if [ "$tool" = racecheck ]; then
+  echo "========= Error: Race reported between Write access at void k(int)+0x10 in a.cu:1"
+  echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"
+else
+  echo "========= ERROR SUMMARY: 0 errors"
+fi
+"""
+
+
+def test_sanitizer_step_runs_every_tool_after_a_warm_up(monkeypatch, tmp_path):
+    """The GPU path with a stand-in compute-sanitizer: a warm-up run, then each tool, read."""
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(FAKE_SANITIZER)
+    fake.chmod(0o755)
+    monkeypatch.setattr(checks, "_device", lambda dry_run: "fake GPU")
+    monkeypatch.setattr(checks, "find_compute_sanitizer", lambda: str(fake))
+    monkeypatch.setattr(checks, "_workload_cmd", lambda dry_run: [sys.executable, "-c", "print('workload: cuda x: ok')"])
+    record = checks.sanitizer_step()
+    assert record["status"] == "fail", record
+    assert {t: r["status"] for t, r in record["tools"].items()} == {
+        "memcheck": "pass", "racecheck": "fail", "synccheck": "pass", "initcheck": "pass"}
+    assert record["tools"]["racecheck"]["kernels"] == ["k(int)"]
+    assert "racecheck: fail, 1 errors (first: Error: Race reported" in checks.markdown([record])
 
 
 @pytest.mark.skipif(unavailable_reason("cuda", torch.device("cpu")) is not None, reason="the CUDA emulator cannot run here")
