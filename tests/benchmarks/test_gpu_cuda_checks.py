@@ -1,8 +1,9 @@
 """benchmarks/gpu_cuda_checks.py: the GPU steps' CPU stand-ins and the reading of their results.
 
 - The layout step's stand-in (tests/cuda_emu/layout_check.cu against the CPU emulator) passes,
-  and a swapped ldmatrix half -- which no end-to-end test sees, since both operands of
-  S = Q Kᵀ get the same k permutation -- fails it (one of issue 17's mutation tests).
+  and a swapped ldmatrix half -- which no end-to-end test sees: both operands of S = Q Kᵀ get
+  the same k permutation, so results change only by fp32 rounding -- fails it (one of issue
+  17's mutation tests).
 - The sanitizer step's workload runs every CUDA kernel in the emulator.
 - compute-sanitizer's reports are read into pass / fail / error, and a step that cannot run
   becomes a record, not an exception.

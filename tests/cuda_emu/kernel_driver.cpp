@@ -2,7 +2,7 @@
 // tests (test_kernel_checks.py): a mutant needs only its own .cu file recompiled, which takes
 // seconds, where the torch extension takes minutes.
 //
-//   kernel_driver PASSES HD
+//   kernel_driver PASSES HD [DUMP]
 //
 // PASSES is "fwd" (attn_fwd only) or "all" (the backend's pipeline: attn_fwd on the current and
 // the old policy, div_fwd, attn_bwd, div_bwd, as ral_kernels/backends/cuda/launch.py calls
@@ -11,7 +11,8 @@
 // cp.async stages are reused) and the divergence passes see two row blocks. The schedule is
 // RAL_EMU_SCHEDULE's; every launch runs the emulator's global-memory checks, as through the
 // bindings. Prints "hash=<16 hex digits>" of every output byte and exits 0, or
-// prints "error: <launch error>" and exits 2.
+// prints "error: <launch error>" and exits 2. DUMP, if given, receives the outputs as float32 values
+// in the order they are hashed (for comparing two builds' numbers, not only their bits).
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -52,6 +53,21 @@ std::uint64_t fnv1a(std::uint64_t h, const void* data, std::size_t bytes) {
   return h;
 }
 
+std::FILE* dump = nullptr;
+
+std::uint64_t output(std::uint64_t h, const Half& x) {
+  for (std::uint16_t b : x) {
+    const float f = half_value(b);
+    if (dump) std::fwrite(&f, 4, 1, dump);
+  }
+  return fnv1a(h, x.data(), x.size() * 2);
+}
+
+std::uint64_t output(std::uint64_t h, const F32& x) {
+  if (dump) std::fwrite(x.data(), 4, x.size(), dump);
+  return fnv1a(h, x.data(), x.size() * 4);
+}
+
 template <class V> ral_emu::Region reads(const char* name, const V& v) {
   return {name, v.data(), v.size() * sizeof(v[0]), sizeof(v[0]), false};
 }
@@ -72,8 +88,12 @@ template <class F> void run(const char* what, std::vector<ral_emu::Region> regio
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3 || (std::strcmp(argv[1], "fwd") != 0 && std::strcmp(argv[1], "all") != 0)) {
-    std::fprintf(stderr, "usage: %s fwd|all 64|128\n", argv[0]);
+  if (argc < 3 || argc > 4 || (std::strcmp(argv[1], "fwd") != 0 && std::strcmp(argv[1], "all") != 0)) {
+    std::fprintf(stderr, "usage: %s fwd|all 64|128 [DUMP]\n", argv[0]);
+    return 1;
+  }
+  if (argc == 4 && (dump = std::fopen(argv[3], "wb")) == nullptr) {
+    std::perror(argv[3]);
     return 1;
   }
   const bool all = std::strcmp(argv[1], "all") == 0;
@@ -104,7 +124,7 @@ int main(int argc, char** argv) {
   f.causal = true;
   run("attn_fwd", {reads("q", q), reads("k", k), reads("v", v), writes("out", out), writes("lse", lse)},
       [&] { return ral::attn_fwd(f, nullptr); });
-  std::uint64_t h = fnv1a(fnv1a(0xcbf29ce484222325ull, out.data(), out.size() * 2), lse.data(), lse.size() * 4);
+  std::uint64_t h = output(output(0xcbf29ce484222325ull, out), lse);
   if (!all) {
     std::printf("hash=%016llx\n", static_cast<unsigned long long>(h));
     return 0;
@@ -201,7 +221,7 @@ int main(int argc, char** argv) {
        writes("dk", dk)},
       [&] { return ral::div_bwd(d, nullptr); });
 
-  for (const F32* x : {&lse_old, &mass_old, &div, &e, &a, &dq, &dk, &dv}) h = fnv1a(h, x->data(), x->size() * 4);
+  for (const F32* x : {&lse_old, &mass_old, &div, &e, &a, &dq, &dk, &dv}) h = output(h, *x);
   std::printf("hash=%016llx\n", static_cast<unsigned long long>(h));
   return 0;
 }

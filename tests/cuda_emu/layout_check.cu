@@ -10,9 +10,11 @@
 //   g++ -std=c++17 -x c++ -DRAL_CPU_EMULATION -I csrc -I csrc/emu ...     (the CPU emulator)
 // It prints one line per check and "mismatches=N"; it exits 1 when N > 0 (or on a CUDA error).
 //
-// Why a direct test: an error shared by both operands of S = Q K^T (say, the two halves of
-// every non-.trans ldmatrix register swapped) permutes k the same way on both sides and leaves
-// every product, hence every end-to-end result, unchanged.
+// Why a direct test: an error shared by both operands of every S = Q K^T -- say, the two halves of
+// every non-.trans ldmatrix register swapped -- permutes k the same way on both sides, so every
+// sum keeps its terms and end-to-end results change only by the rounding of the new summation
+// order (measured: at most 2.4e-4 absolute, 92% of the outputs bit-identical), well within any
+// tolerance of the tests.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
