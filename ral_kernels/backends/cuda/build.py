@@ -50,7 +50,9 @@ CXX_FLAGS = ["-O3"]
 # The -U flags undo torch's -D__CUDA_NO_HALF_OPERATORS__ & co. so half/bfloat16 arithmetic works.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
               "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
-EMU_FLAGS = ["-O2", "-DRAL_CPU_EMULATION"]
+# -fsanitize=alignment: the emulator turns a misaligned load or store in a kernel into a launch
+# failure (csrc/emu/cuda_emu.h defines the handler; no sanitizer runtime is linked).
+EMU_FLAGS = ["-O2", "-DRAL_CPU_EMULATION", "-fsanitize=alignment"]
 JIT_NAME, EMU_NAME = "ral_kernels_cuda", "ral_kernels_emu"
 
 _log = logging.getLogger("ral_kernels")
