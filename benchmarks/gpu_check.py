@@ -225,9 +225,12 @@ def main(argv=None):
         print("tests:", result["tests"], flush=True)
 
     result["rows"] = run_benchmarks(shapes, device, dtype, ["sdpa", "triton", "cuda", "eager"])
+    from gpu_cuda_checks import markdown as cuda_checks_markdown, run_steps  # layout kernel, compute-sanitizer
+    result["cuda_checks"] = run_steps(args.dry_run)
     md = (f"GPU check: {env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
           f"commit {env['commit']}, {env['time']}{' (DRY RUN: CPU, tiny shapes)' if args.dry_run else ''}\n\n"
-          f"CUDA extension: {env['cuda_extension']}\n\nTests: {result['tests']}\n\n" + table(result["rows"]) + "\n")
+          f"CUDA extension: {env['cuda_extension']}\n\nTests: {result['tests']}\n\n" + table(result["rows"]) + "\n\n"
+          + cuda_checks_markdown(result["cuda_checks"]))
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:

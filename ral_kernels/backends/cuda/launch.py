@@ -42,13 +42,28 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=None)
+def _emulator():
+    """The CPU emulator, set to check the shared-memory limit of the GPUs a build targets:
+    ``RAL_EMU_ARCH`` when set (the emulator reads it), else the most constrained arch of
+    ``RAL_CUDA_ARCHS`` (default "80;90": sm_80's 163 KiB per block)."""
+    from . import build as _cuda_build
+
+    ext = _cuda_build.load_emulator()
+    if not os.environ.get("RAL_EMU_ARCH"):
+        known = [a for a in (int(a.rstrip("af")) for a in _cuda_build.parse_archs()) if ext.emu_max_dyn_smem(a) > 0]
+        if known:
+            ext.emu_set_arch(min(known, key=ext.emu_max_dyn_smem))
+    return ext
+
+
 def _ext(device: torch.device):
     from . import build as _cuda_build
 
     if device.type == "cuda":
         return _cuda_build.load_extension()
     if emulation_enabled():
-        return _cuda_build.load_emulator()
+        return _emulator()
     raise RuntimeError(f"backend='cuda' needs CUDA tensors (got {device.type}); set RAL_CUDA_EMULATION=1 to run "
                        "the kernels in the CPU emulator")
 
