@@ -47,6 +47,7 @@ __device__ __forceinline__ void issue_rows(T* stage, float* stats, const BwdPara
   cp_async_commit();
   for (int i = threadIdx.x; i < BM; i += kThreads) {
     const bool ok = m0 + i < p.Tq;
+    RAL_SHARED_STORE_POINT();
     stats[i] = ok ? p.lse[bh * p.Tq + m0 + i] * kLog2e : INFINITY;
     stats[BM + i] = ok ? p.delta[bh * p.Tq + m0 + i] : 0.f;
   }

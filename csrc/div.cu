@@ -103,7 +103,10 @@ __device__ __forceinline__ void issue_visit(T* sQ, T* sK, float* sOff, const Div
     load_tile_async<T, KROWS, HD>(sK, static_cast<const T*>(sd.k) + kvh * p.Tk * HD, n0, p.Tk);
   }
   cp_async_commit();
-  for (int i = threadIdx.x; i < QROWS; i += kThreads) sOff[i] = m0 + i < R ? sd.off[head * R + m0 + i] * kLog2e : INFINITY;
+  for (int i = threadIdx.x; i < QROWS; i += kThreads) {
+    RAL_SHARED_STORE_POINT();
+    sOff[i] = m0 + i < R ? sd.off[head * R + m0 + i] * kLog2e : INFINITY;
+  }
 }
 
 // The offset (log2 units) of a fragment element's row: per fragment row in a row-major tile,
@@ -383,6 +386,7 @@ __device__ __forceinline__ void load_e_w(float* dst, const DivParams& p, int64_t
   const int R = p.Tq - p.r0;
   for (int i = threadIdx.x; i < BM; i += kThreads) {
     const bool ok = m0 + i < R;
+    RAL_SHARED_STORE_POINT();
     dst[i] = ok ? p.e[bg * R + m0 + i] : 0.f;
     dst[BM + i] = ok ? p.w[bg * R + m0 + i] : 0.f;
   }

@@ -315,6 +315,7 @@ __device__ __forceinline__ void store_frag(T* dst, int ld, const float (&x)[NT][
   for (int t = 0; t < NT; ++t)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
+      RAL_SHARED_STORE_POINT();
       *reinterpret_cast<uint32_t*>(dst + (row0 + lane / 4 + 8 * r) * ld + t * 8 + 2 * (lane % 4)) =
           pack2<T>(x[t][2 * r], x[t][2 * r + 1]);
     }
