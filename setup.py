@@ -13,6 +13,7 @@ build isolation hides torch, so ``pip install .`` skips it; ``pip install
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,6 +69,21 @@ def cuda_extension() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
 
+def record_commit() -> None:
+    """``ral_kernels/_commit.txt``: the commit being installed, written from git when the
+    checkout has one, so that a copy without ``.git`` (a lent GPU machine) still knows it."""
+    if not (ROOT / ".git").exists():
+        return
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if out.returncode == 0 and out.stdout.strip():
+        (ROOT / "ral_kernels" / "_commit.txt").write_text(out.stdout.strip() + "\n")
+
+
+record_commit()
 kwargs = cuda_extension()
 kwargs["cmdclass"] = {"build_py": BuildPyWithKernelSources, **kwargs.get("cmdclass", {})}
 setup(**kwargs)

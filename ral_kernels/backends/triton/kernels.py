@@ -140,19 +140,20 @@ def _div_terms(p_hat, r_hat, on, DIVERGENCE: tl.constexpr):
     p = p_hat * unscale
     r = r_hat * unscale
     # log p - log r and log p - log m without the 2^S scale (it cancels in the ratios).
-    lp2 = tl.log2(tl.where(p_hat > 0, p_hat, 1.0))
-    lr2 = tl.log2(tl.where(r_hat > 0, r_hat, 1.0))
+    # "== 0" rather than "> 0" tests below: a NaN policy (from a NaN input) stays NaN.
+    lp2 = tl.log2(tl.where(p_hat == 0, 1.0, p_hat))
+    lr2 = tl.log2(tl.where(r_hat == 0, 1.0, r_hat))
     if DIVERGENCE == 0:
         lm2 = tl.log2(tl.where(on, 0.5 * (p_hat + r_hat), 1.0))
-        t = 0.5 * LN2 * (tl.where(p_hat > 0, p * (lp2 - lm2), 0.0) + tl.where(r_hat > 0, r * (lr2 - lm2), 0.0))
-        pg = tl.where(p_hat > 0, 0.5 * LN2 * p * (lp2 - lm2), 0.0)
+        t = 0.5 * LN2 * (tl.where(p_hat == 0, 0.0, p * (lp2 - lm2)) + tl.where(r_hat == 0, 0.0, r * (lr2 - lm2)))
+        pg = tl.where(p_hat == 0, 0.0, 0.5 * LN2 * p * (lp2 - lm2))
     elif DIVERGENCE == 1:
         # r log(r / p); an underflowed p^ (p < ~2^-226) is clamped at the float32 minimum
-        t = tl.where(r_hat > 0, r * (lr2 - tl.log2(tl.maximum(p_hat, 1.1754943508222875e-38))) * LN2, 0.0)
+        t = tl.where(r_hat == 0, 0.0, r * (lr2 - tl.log2(tl.maximum(p_hat, 1.1754943508222875e-38))) * LN2)
         pg = -r
     else:
-        t = tl.where(p_hat > 0, p * (lp2 - tl.log2(tl.maximum(r_hat, 1.1754943508222875e-38))) * LN2, 0.0)
-        pg = tl.where(p_hat > 0, p * ((lp2 - tl.log2(tl.maximum(r_hat, 1.1754943508222875e-38))) * LN2 + 1.0), 0.0)
+        t = tl.where(p_hat == 0, 0.0, p * (lp2 - tl.log2(tl.maximum(r_hat, 1.1754943508222875e-38))) * LN2)
+        pg = tl.where(p_hat == 0, 0.0, p * ((lp2 - tl.log2(tl.maximum(r_hat, 1.1754943508222875e-38))) * LN2 + 1.0))
     return tl.where(on, t, 0.0), tl.where(on, pg, 0.0)
 
 
@@ -256,8 +257,8 @@ def _attn_fwd_kernel(
             q, m_i, l_i, acc, kl_acc, r_acc, k_base, v_base, qo, ko_base, offo2, b, offs_m, start_n + offs_n0,
             offs_d, offs_dv, offs_do, D, D_V, D_O, Tq, Tk, r0, skn, svn, sokn, qk_scale, oqk_scale, KMASK,
             True, CAUSAL, HAS_KMASK, HAS_V, HOLD_SELF, FUSED_KL, INPUT_PREC)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    lse_s2 = tl.where(l_i > 0, m_i + tl.log2(l_safe), NEG_INF)  # over the sweep's keys (the support, if held)
+    l_safe = tl.where(l_i == 0, 1.0, l_i)
+    lse_s2 = tl.where(l_i == 0, NEG_INF, m_i + tl.log2(l_safe))  # over the sweep's keys (the support, if held)
     lse2 = lse_s2
     out = acc / l_safe[:, None]
     if HOLD_SELF:  # merge each held row's own key back in: one row-wise dot
@@ -287,7 +288,7 @@ def _attn_fwd_kernel(
             dval = kl_acc * LN2 + (lse_s_nat - offo_nat) * r_acc
         else:
             dval = kl_acc / l_safe * LN2 - lse_s_nat + offo_nat
-        ok = div_row & (l_i > 0) & (offo2 != float("inf"))
+        ok = div_row & (l_i != 0) & (offo2 != float("inf"))  # NaN stays NaN
         tl.store(DIVF + pid_bh * R + rows_div, tl.where(ok, dval, 0.0), mask=div_row)
         tl.store(RMASS + pid_bh * R + rows_div, r_acc, mask=div_row)
 
@@ -374,7 +375,7 @@ def _div_fwd_kernel(
             sqb, sqh, sqm, skb, skh, skn, soffb, soffh, soqb, soqh, soqm, sokb, sokh, sokn, soffob, soffoh,
             offs_r, r0, start_n + offs_n0, offs_d, offs_do, D, D_O, Tq, Tk, qk_scale, oqk_scale, DIV,
             CAUSAL, HAS_KMASK, EXCLUDE_SELF, INPUT_PREC, BLOCK_M, BLOCK_N, False)
-        on = supp & ((p_hat > 0) | (r_hat > 0))
+        on = supp & ~((p_hat == 0) & (r_hat == 0))
         t, pg = _div_terms(p_hat, r_hat, on, DIVERGENCE)
         d_acc += tl.sum(t, axis=1)
         e_acc += tl.sum(pg, axis=1)
@@ -460,10 +461,10 @@ def _div_bwd_kernel(
                     offs_r, r0, offs_n, offs_d, offs_do, D, D_O, Tq, Tk, qk_scale, oqk_scale, scr,
                     CAUSAL, HAS_KMASK, EXCLUDE_SELF, INPUT_PREC, BLOCK_M, BLOCK_N, True)
                 tl.debug_barrier()  # the pi^_h tiles in scratch are read back by other threads
-                on = supp & ((p_hat > 0) | (r_hat > 0))
+                on = supp & ~((p_hat == 0) & (r_hat == 0))
                 _, pg = _div_terms(p_hat, r_hat, on, DIVERGENCE)
                 # pi_h g = pi^_h * (p g / p^); with E: dS_h = w pi^_h (p g / p^ - E 2^-SCALE)
-                coef = tl.where(p_hat > 0, pg / tl.where(p_hat > 0, p_hat, 1.0), 0.0)
+                coef = tl.where(p_hat == 0, 0.0, pg / tl.where(p_hat == 0, 1.0, p_hat))
                 gam = coef - e[:, None] * tl.exp2(-SCALE_LOG2)
                 for hh in range(0, n_heads):
                     h = grp * n_heads + hh
