@@ -264,7 +264,7 @@ class RALTrainer:
         self.model.train()
         tok_losses, ral_terms, divs, stats = [], [], [], {}
         kd_terms, tdivs, grad_log = [], [], []
-        split = cfg.ral_norm == "grad" or cfg.track_grad_norms
+        split = cfg.track_grad_norms or (cfg.ral_norm == "grad" and cfg.ral_coef != 0)
         params = [p for p in self.model.parameters() if p.requires_grad]
         for it in range(cfg.num_iterations):
             perm = torch.randperm(N)

@@ -7,6 +7,8 @@ repeat the target's, so the answer cannot be read off the color histogram exactl
 model does best by *looking at* the marked cell. With
 Qwen2.5-VL's 8-px patches and 2 x 2 spatial merge, each cell is exactly one visual token,
 so the last layer's attention over the image is a ``grid x grid`` heatmap.
+``VisualSearchTask.scaled(grid)`` grows the number of distractors with the board (a quarter
+of the cells hold an object), for the scaling study (``ral-study``).
 
 Prompts are token ids of a tiny word vocabulary (no tokenizer download)::
 
