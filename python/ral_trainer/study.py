@@ -207,8 +207,9 @@ class Runner:
     """Runs jobs (in ``workers`` processes, or in this one) and keeps each result as
     ``cache/<name>.json``: a finished run with the same job is not run again."""
 
-    def __init__(self, cache: str, workers: int, threads: int, fresh: bool, bar, report_only: bool = False):
-        self.cache, self.workers, self.bar = cache, workers, bar
+    def __init__(self, cache: str, workers: int, threads: int, fresh: bool, bar, report_only: bool = False,
+                 on_finish: Optional[Callable[[int], None]] = None):
+        self.cache, self.workers, self.bar, self.on_finish = cache, workers, bar, on_finish
         os.makedirs(cache, exist_ok=True)
         self.fresh, self.report_only = fresh, report_only
         self.trained = 0
@@ -252,6 +253,8 @@ class Runner:
         os.replace(self._path(res["job"]) + ".tmp", self._path(res["job"]))
         self.done[name] = res
         self.trained += 1
+        if self.on_finish is not None:
+            self.on_finish(self.trained)
         j = res["job"]
         self.bar.write(f"[ral-study] {job_name(j)}: eval accuracy {res['evals'][0]['accuracy']:.3f} -> "
                        f"{res['evals'][-1]['accuracy']:.3f} ({res['seconds']:.0f} s)")
@@ -611,8 +614,9 @@ def main(argv=None) -> int:
     main_jobs = [(g, m, s) for s in range(args.seeds) for g in reversed(args.grids) for m in args.methods]
     total = args.steps * (len(sweep) + len(main_jobs))
     bar = tqdm(total=total, desc="ral-study (steps)", disable=args.no_progress, dynamic_ncols=True, smoothing=0.05)
+    log = InvocationLog(args.out, args.fresh, args.workers)
     runner = Runner(os.path.join(args.out, "runs"), args.workers, args.threads, args.fresh, bar,
-                    report_only=args.report_only)
+                    report_only=args.report_only, on_finish=log.update)
     try:
         runner.submit(sweep)
         runner.wait()  # the sweep is short (smallest grid): λ is fixed before the comparison starts
@@ -635,11 +639,10 @@ def main(argv=None) -> int:
         bar.close()
     runs = dict(runner.done)
     wall = time.perf_counter() - t0
-    log = _log_invocation(args, wall, runner.trained)
     summary = summarize(args, runs, lam, src)
-    text = write_report(args, runs, summary, args.out, log, expected=len(sweep) + len(main_jobs))
+    text = write_report(args, runs, summary, args.out, log.log, expected=len(sweep) + len(main_jobs))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:  # 4 significant digits: a third of the size
-        json.dump(_round({"args": vars(args), "summary": summary, "invocations": log,
+        json.dump(_round({"args": vars(args), "summary": summary, "invocations": log.log,
                           "runs": [runs[k] for k in sorted(runs)]}), f)
     print(text.split("\n## λ sweep")[0].split("\n## Results")[0])
     print(f"[ral-study] report written to {os.path.abspath(args.out)} in {wall / 60:.1f} min")
@@ -656,19 +659,29 @@ def _round(x, digits: int = 4):
     return x
 
 
-def _log_invocation(args, wall: float, trained: int) -> list[dict]:
-    """Append this invocation to OUT/invocations.json (a study may be resumed several times)."""
-    path = os.path.join(args.out, "invocations.json")
-    log = []
-    if os.path.exists(path) and not args.fresh:
-        with open(path) as f:
-            log = json.load(f)
-    if trained:
-        log.append({"finished": datetime.datetime.now().isoformat(timespec="seconds"), "wall_seconds": wall,
-                    "runs_trained": trained, "workers": args.workers, "machine": _machine()})
-        with open(path, "w") as f:
-            json.dump(log, f, indent=1)
-    return log
+class InvocationLog:
+    """``OUT/invocations.json``: one entry per invocation that trained something, rewritten
+    after every finished run, so that a study stopped midway still accounts for its time."""
+
+    def __init__(self, out: str, fresh: bool, workers: int):
+        self.path, self.workers = os.path.join(out, "invocations.json"), workers
+        self.t0, self.started = time.perf_counter(), datetime.datetime.now().isoformat(timespec="seconds")
+        self.log, self.entry = [], None
+        if os.path.exists(self.path) and not fresh:
+            with open(self.path) as f:
+                self.log = json.load(f)
+
+    def update(self, trained: int) -> None:
+        if not trained:
+            return
+        if self.entry is None:
+            self.entry = {"started": self.started, "workers": self.workers, "machine": _machine()}
+            self.log.append(self.entry)
+        self.entry.update(finished=datetime.datetime.now().isoformat(timespec="seconds"),
+                          wall_seconds=time.perf_counter() - self.t0, runs_trained=trained)
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(self.log, f, indent=1)
+        os.replace(self.path + ".tmp", self.path)
 
 
 if __name__ == "__main__":
