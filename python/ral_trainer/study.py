@@ -469,6 +469,7 @@ def write_report(args, runs: dict, summary: dict, out: str, log: list[dict], exp
                 ax.scatter([t * off] * len(ys), ys, color=c, alpha=0.3, s=12)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log", base=2)
+        ax.set_xlim(tokens[0] / 1.4, tokens[-1] * 1.4)  # also when no pair has finished yet
         ax.set_xticks(tokens, [str(t) for t in tokens])
         ax.set_xlabel("visual tokens (grid²)")
         ax.set_ylabel(f"gap in {title}")
@@ -507,7 +508,8 @@ def write_report(args, runs: dict, summary: dict, out: str, log: list[dict], exp
         ax.set_title(f"{g}x{g} grid ({g * g} visual tokens): eval accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.axhline(args.threshold, color="k", ls=":", lw=0.8)
-        axr.set_yscale("log")
+        if axr.lines:  # a study stopped early may have no RAL run at this grid yet
+            axr.set_yscale("log")
         axr.set_title("‖∇ term‖ / ‖∇ token loss‖, raw (5-step mean)")
         for a in (ax, axr):
             a.set_xlabel("rollout step")
