@@ -5,9 +5,13 @@ The paper (SPEC section 1) reports that RAL's gain over GRPO grows with image re
 under control, on the synthetic visual-search task (:mod:`ral_trainer.visual_search`) with a
 tiny random Qwen2.5-VL (the ``ral-train`` model):
 
-- grid sizes ``--grids`` (default 4, 8, 12 cells per side: 16, 64, 144 visual tokens), with
-  distractors that grow with the board (``VisualSearchTask.scaled``: a quarter of the cells
-  hold an object);
+- grid sizes ``--grids`` (default 4, 6, 8 cells per side: 16, 36, 64 visual tokens, a 4x
+  range like the paper's 512 -> 2048), with distractors that grow with the board
+  (``VisualSearchTask.scaled``: a quarter of the cells hold an object). The default fits
+  about an hour on an idle 2-core CPU with every grid learnable within the 80-step budget;
+  at 12 x 12 (144 tokens) GRPO was still at chance after 80 steps, so larger grids need
+  more steps: ``--device cuda --workers 1 --grids 8,12,16,24 --steps 300`` (24 x 24 = 576
+  tokens; not yet run, no GPU has been lent);
 - four methods per grid and seed, all with the same budget and hyperparameters:
   ``grpo`` / ``ral`` (the think-then-answer prompt) and ``grpo_zero`` / ``ral_zero`` (the
   direct-answer prompt: RAL-zero against GRPO in the same format);
@@ -67,7 +71,7 @@ HISTORY_KEYS = ("step", "reward", "accuracy", "attn_target_mass", "attn_divergen
 
 QUICK = dict(grids="2,3,4", seeds=2, steps=4, sweep="1,10", sweep_seeds=1, prompts=4, generations=4,
              eval_size=16, eval_every=2)
-FULL = dict(grids="4,8,12", seeds=4, steps=80, sweep="0.1,0.3,1,3", sweep_seeds=2, prompts=8, generations=8,
+FULL = dict(grids="4,6,8", seeds=6, steps=80, sweep="0.1,0.3,1,3", sweep_seeds=2, prompts=8, generations=8,
             eval_size=128, eval_every=10)
 
 
@@ -101,7 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-size", type=int, help="held-out problems per evaluation (default 128)")
     ap.add_argument("--eval-every", type=int, help="rollout steps between evaluations (default 10)")
     ap.add_argument("--threshold", type=float, default=0.5, help="eval accuracy for 'steps to threshold' (chance 0.25)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (e.g. --device cuda --grids 8,16,24)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu or cuda (e.g. --device cuda --workers 1 --grids 8,12,16,24 --steps 300)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--workers", type=int, default=None,
                     help="parallel runs (processes); default: 2 on a CPU with >= 2 cores, else 1")
