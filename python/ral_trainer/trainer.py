@@ -41,6 +41,13 @@ __all__ = ["TrainConfig", "RALTrainer", "ZeroAttentionTermWarning"]
 @dataclasses.dataclass
 class TrainConfig:
     ral_coef: float = 1.0  # lambda; 0 = plain GRPO
+    # "none": loss = L_tok + ral_coef · L_RAL. "grad": per optimizer step, the term's gradient is
+    # rescaled to ral_coef × the norm of the rest of the loss's gradient, so ral_coef is the
+    # relative gradient size of the attention term, whatever its raw scale (two backward passes).
+    ral_norm: str = "none"
+    # record the gradient norms of the token loss and of the RAL term per optimizer step
+    # (history keys grad_norm_token, grad_norm_ral, ral_grad_ratio; two backward passes)
+    track_grad_norms: bool = False
     divergence: str = "jsd"  # "jsd" | "kl" | "reverse_kl"
     beta: float = 0.0  # KL to the reference model
     loss_type: str = "grpo"  # TRL: grpo | bnpo | dr_grpo | dapo (verl names work too)
@@ -123,6 +130,8 @@ class RALTrainer:
         if n % (config.num_minibatches * config.grad_accum):
             raise ValueError(f"prompts_per_step * num_generations = {n} must be divisible by "
                              f"num_minibatches * grad_accum = {config.num_minibatches * config.grad_accum}")
+        if config.ral_norm not in ("none", "grad"):
+            raise ValueError(f"ral_norm must be 'none' or 'grad', got {config.ral_norm!r}")
         if config.ral_coef and config.optimizer_steps_per_batch() == 1 and teacher is None:
             warn_zero_schedule("num_iterations * num_minibatches == 1 (one optimizer step per rollout batch)",
                                "Use num_iterations > 1 or num_minibatches > 1.")
@@ -234,13 +243,16 @@ class RALTrainer:
         # updates
         self.model.train()
         tok_losses, ral_terms, divs, stats = [], [], [], {}
-        kd_terms, tdivs = [], []
+        kd_terms, tdivs, grad_log = [], [], []
         opt_steps = 0  # optimizer steps taken on this rollout batch so far
         signal = bool((adv != 0).any())  # without it the weights need not move
+        split = cfg.track_grad_norms or (cfg.ral_norm == "grad" and cfg.ral_coef != 0)
+        params = [p for p in self.model.parameters() if p.requires_grad]
         for _ in range(cfg.num_iterations):
             perm = torch.randperm(N)
             for s in range(0, N, mb):
                 mb_idx = perm[s:s + mb]
+                ral_grads = None
                 n_items = float(roll["completion_mask"][mb_idx].sum().clamp(min=1))
                 for a in range(0, mb, micro):
                     idx = mb_idx[a:a + micro]
@@ -258,21 +270,30 @@ class RALTrainer:
                     if cfg.ral_coef:
                         self.zero_guard.observe(div, cm, moved=opt_steps > 0 and signal)
                     ral = losses.ral_term(div, adv[idx], cm, **lt)
-                    loss = pg + cfg.ral_coef * ral
+                    loss, rest = pg + cfg.ral_coef * ral, pg
                     if teach is not None:
                         dl, dst = losses.distillation_loss(
                             lg[:, :-1], t_logits[idx.to(t_logits.device)], upd.teacher_divergence[:, -R - 1:-1], cm,
                             mu=cfg.distill_mu, gamma=cfg.distill_gamma, kd=cfg.distill_kd, loss_type=cfg.loss_type)
-                        loss = loss + dl
+                        loss, rest = loss + dl, rest + dl
                         kd_terms.append(dst["token_kd"])
                         tdivs.append(dst["attn_div"])
                     scale = 1.0 if cfg.loss_type in ("dapo", "token-mean") else 1.0 / cfg.grad_accum
-                    (loss * scale).backward()
+                    if split:  # the term's gradient apart, mixed in by _mix_ral_grads
+                        (rest * scale).backward(retain_graph=ral.requires_grad)
+                        if ral.requires_grad:
+                            g = torch.autograd.grad(ral * scale, params, allow_unused=True)
+                            ral_grads = g if ral_grads is None else [
+                                b if a is None else a if b is None else a + b for a, b in zip(ral_grads, g)]
+                    else:
+                        (loss * scale).backward()
                     tok_losses.append(float(pg.detach()))
                     ral_terms.append(float(ral.detach()))
                     divs.append(float((div.detach() * cm).sum() / cm.sum().clamp(min=1)))
                     for k, v in st.items():
                         stats.setdefault(k, []).append(v)
+                if split:  # no optimizer step yet since the capture: θ = θ_old exactly
+                    grad_log.append(self._mix_ral_grads(params, ral_grads, at_old=opt_steps == 0))
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
@@ -285,11 +306,38 @@ class RALTrainer:
                "completion_len": float(roll["completion_mask"].float().sum(1).mean()),
                "cache_mib": old.nbytes() / 2 ** 20, "time_s": time.perf_counter() - t0,
                **{k: sum(v) / len(v) for k, v in stats.items()}, **att_stats}
+        active = [g for g in grad_log if not g["at_old"]]
+        if active:  # at θ = θ_old the term's gradient is rounding noise: averaged over the other steps
+            for k in ("grad_norm_token", "grad_norm_ral", "ral_grad_ratio", "ral_grad_ratio_raw"):
+                rec[k] = sum(g[k] for g in active) / len(active)
         if kd_terms:
             rec["token_kd"] = sum(kd_terms) / len(kd_terms)
             rec["teacher_attn_divergence"] = sum(tdivs) / len(tdivs)
         self.history.append(rec)
         return rec
+
+    def _mix_ral_grads(self, params: list, ral_grads: Optional[list], at_old: bool) -> dict:
+        """Add the RAL term's gradient (``ral_grads``, without λ) to ``p.grad``, which holds
+        the rest of the loss's gradient: weight ``ral_coef`` (``ral_norm="none"``) or
+        ``ral_coef · ‖g_rest‖ / ‖g_ral‖`` (``"grad"``; 0 at θ = θ_old, where the exact term
+        and its gradient are 0 and rescaling would only amplify rounding). Returns the norms."""
+        def norm(gs):
+            gs = [g for g in gs if g is not None]
+            return float(torch.nn.utils.get_total_norm(gs)) if gs else 0.0
+
+        ral_grads = ral_grads or [None] * len(params)
+        n_tok, n_ral = norm(p.grad for p in params), norm(ral_grads)
+        if self.cfg.ral_norm == "grad":
+            w = 0.0 if at_old or n_ral == 0.0 else self.cfg.ral_coef * n_tok / n_ral
+        else:
+            w = self.cfg.ral_coef
+        if w:
+            for p, g in zip(params, ral_grads):
+                if g is not None:
+                    p.grad = w * g if p.grad is None else p.grad.add_(g, alpha=w)
+        ratio = n_ral / n_tok if n_tok > 0 else float("inf") if n_ral > 0 else 0.0
+        return {"grad_norm_token": n_tok, "grad_norm_ral": n_ral, "ral_grad_ratio_raw": ratio,
+                "ral_grad_ratio": abs(w) * ratio if w else 0.0, "at_old": at_old}
 
     def _attention_stats(self, rows: torch.Tensor, roll: dict, comps: list) -> dict:
         """Attention entropy (mean over response rows) and the answer row's mass on the

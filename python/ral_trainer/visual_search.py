@@ -7,6 +7,8 @@ repeat the target's, so the answer cannot be read off the color histogram exactl
 model does best by *looking at* the marked cell. With
 Qwen2.5-VL's 8-px patches and 2 x 2 spatial merge, each cell is exactly one visual token,
 so the last layer's attention over the image is a ``grid x grid`` heatmap.
+``VisualSearchTask.scaled(grid)`` grows the number of distractors with the board (a quarter
+of the cells hold an object), for the scaling study (``ral-study``).
 
 Prompts are token ids of a tiny word vocabulary (no tokenizer download)::
 
@@ -57,9 +59,25 @@ class VisualSearchTask:
     def __post_init__(self):
         if self.style not in ("think", "direct"):
             raise ValueError(f"style must be 'think' or 'direct', got {self.style!r}")
+        if self.grid < 1:
+            raise ValueError(f"grid must be >= 1 cells per side, got {self.grid}")
+        if not 1 <= self.num_objects <= self.grid * self.grid:
+            raise ValueError(f"num_objects must be in [1, grid * grid = {self.grid * self.grid}] (one object per "
+                             f"cell), got {self.num_objects}")
+        if not 1 <= self.num_colors <= len(COLORS):
+            raise ValueError(f"num_colors must be in [1, {len(COLORS)}], got {self.num_colors}")
         if self.cell != self.patch_size * self.merge:
             raise ValueError("cell must equal patch_size * merge so that one cell is one visual token")
         self.colors = COLORS[: self.num_colors]
+
+    @classmethod
+    def scaled(cls, grid: int, *, density: float = 0.25, **kwargs) -> "VisualSearchTask":
+        """The task on a ``grid x grid`` board whose object count grows with the board:
+        ``max(4, round(density · grid²))`` objects, one target and the rest distractors
+        (4 x 4: 4 objects, as the ``ral-train`` demo; 8 x 8: 16; 12 x 12: 36; 24 x 24: 144)."""
+        if not 0 < density <= 1:
+            raise ValueError(f"density (share of cells holding an object) must be in (0, 1], got {density}")
+        return cls(grid=grid, num_objects=min(grid * grid, max(4, round(density * grid * grid))), **kwargs)
 
     # ---- sizes
     @property
