@@ -52,11 +52,12 @@ import torch.distributed as dist
 
 from . import backends
 from .api import _check_choice, _check_mask, _check_scale, _check_tensor, resolve_backend
+from .errors import BackendUnavailableError
 from ._semantics import DIVERGENCES, HEAD_REDUCTIONS
 from .backends import glue
 from .backends.pipeline import OpConfig
 
-__all__ = ["context_parallel_divergence", "count_communication", "heads_to_seq", "seq_to_heads",
+__all__ = ["context_parallel_divergence", "count_communication", "gather_sequence", "heads_to_seq", "seq_to_heads",
            "ulysses_attention", "ulysses_divergence", "CommunicationLog"]
 
 
@@ -168,6 +169,14 @@ def _gather_seq(x: torch.Tensor, dim: int, group, world: int) -> torch.Tensor:
     if x.requires_grad:
         return _GatherSeq.apply(x, dim, group, world)
     return _all_gather(x.movedim(dim, 0), group, world).movedim(0, dim)
+
+
+def gather_sequence(x: torch.Tensor, dim: int = 2, group=None) -> torch.Tensor:
+    """All-gather ``x`` along the sequence dim ``dim`` (ranks' blocks in rank order, equal
+    sizes), differentiable: the gradient of this rank's block is summed over the ranks
+    (reduce-scatter). E.g. the keys of a layer for an attention over the whole sequence."""
+    world, _ = _world(group)
+    return _gather_seq(x, dim, group, world)
 
 
 def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group, world: int) -> torch.Tensor:
@@ -339,6 +348,12 @@ def _merge_sum(parts: list, spec: _Spec) -> list:
     return [t.view_as(p) for t, p in zip(flat.split([p.numel() for p in parts]), parts)]
 
 
+def _rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
+    """A problem's rows of a ``[B, H, M]`` statistic as a tensor of its own (kernels may
+    need it contiguous and aligned, which a view at an offset is not)."""
+    return x[:, :, rows].clone(memory_format=torch.contiguous_format)
+
+
 def _prepared(spec: _Spec, pb: _Problem, q, k, q_old, k_old, key_mask):
     """The problem's slices, prepared by the kernel set (``v``: an empty stand-in)."""
     qs, ks = q[:, :, pb.i0:pb.i1], k[:, :, pb.j0:pb.j1]
@@ -389,7 +404,7 @@ def _forward(spec: _Spec, q, k, q_old, k_old, lse_old, lse_cur, query_mask, key_
     for pb in spec.problems:
         _, _, qp, kp, qop, kop, km = _prepared(spec, pb, q, k, q_old, k_old, key_mask)
         rows = slice(pb.i0, pb.i1)
-        d, e, rm = kern.div_fwd(qp, kp, off[:, :, rows], qop, kop, off_old[:, :, rows], km, pb.cfg(cfg), 0)
+        d, e, rm = kern.div_fwd(qp, kp, _rows(off, rows), qop, kop, _rows(off_old, rows), km, pb.cfg(cfg), 0)
         div[:, :, rows] += d
         e_stat[:, :, rows] += e
         if rm is None:
@@ -429,14 +444,14 @@ def _backward(spec: _Spec, ddiv, q, k, q_old, k_old, key_mask, stats):
 
     a_stat = torch.zeros(off.shape, dtype=cdt, device=q.device)
     for pb, a in run(lambda pb, r, qp, kp, qop, kop, km, gq, gk: kern.div_bwd(
-            qp, kp, off[:, :, r], qop, kop, off_old[:, :, r], e_stat[:, :, r], w[:, :, r].contiguous(), km,
+            qp, kp, _rows(off, r), qop, kop, _rows(off_old, r), _rows(e_stat, r), _rows(w, r), km,
             pb.cfg(cfg), 0, gq, gk)):
         a_stat[:, :, pb.i0:pb.i1] += a
     a_stat = _merge_sum([a_stat], spec)[0]
     wb = w.repeat_interleave(hq // w.shape[1], 1) * glue.coupling(a_stat, e_stat, lse_s, off)
     # The coupling term -alpha_h w b_h is over the allowed keys: the support plays no part.
     for _ in run(lambda pb, r, qp, kp, qop, kop, km, gq, gk: kern.coupling_bwd(
-            qp, kp, lse[:, :, r].contiguous(), wb[:, :, r], km, pb.cfg(cfg)._replace(exclude_self=False), gq, gk)):
+            qp, kp, _rows(lse, r), _rows(wb, r), km, pb.cfg(cfg)._replace(exclude_self=False), gq, gk)):
         pass
     return dq, dk
 
@@ -526,6 +541,14 @@ def _validate_local(q, k, q_old, k_old, lse_old, query_mask, key_mask, head_redu
     return old_rows
 
 
+def _setup(fn, q, k, q_old, k_old, lse_old, query_mask, key_mask, old_rows, causal, sm_scale, old_sm_scale,
+           divergence, head_reduction, exclude_self, backend):
+    """This rank's checked inputs: ``(old_rows, OpConfig, kernel set)``."""
+    old_rows = _validate_local(q, k, q_old, k_old, lse_old, query_mask, key_mask, head_reduction, old_rows)
+    cfg = _config(q, q_old, causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self)
+    return old_rows, cfg, _kernels(backend, q, q_old, fn)
+
+
 def _finish(div_rows, old_rows, n, head_reduction):
     """``div`` ``[B, n]`` / ``[B, Hq, n]`` of this rank's rows from ``[B, G, m]``."""
     b, g, _ = div_rows.shape
@@ -533,9 +556,41 @@ def _finish(div_rows, old_rows, n, head_reduction):
     return div[:, 0] if head_reduction == "mean" else div
 
 
-def _sizes(n: int, m: int, device, group, world) -> list:
-    """``(n, m)`` of every rank (a tiny all-gather)."""
-    return _all_gather(torch.tensor([[n, m]], device=device), group, world).tolist()
+def _rank_info(q, q_old, query_mask, key_mask, lse_old, lse, error, group, world):
+    """Every rank's ``(n, m)`` and which optional inputs the ranks hold (a tiny all-gather),
+    so that all ranks take the same collective path (or all raise). Key and query masks: if
+    any rank has one, every rank uses one (all True where it had none); ``lse_old`` and
+    ``lse`` must be given on all ranks or none. ``error``: this rank's input error, raised
+    here after the ranks have compared notes (a rank that raised alone would leave the
+    others waiting in a collective)."""
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    flags = [0] * 7 if error is not None else [
+        0, q.shape[2], q_old.shape[2]] + [int(x is not None) for x in (query_mask, key_mask, lse_old, lse)]
+    flags[0] = int(error is not None)
+    info = _all_gather(torch.tensor([flags], device=device), group, world).tolist()
+    if error is not None:
+        raise error
+    bad = [r for r, f in enumerate(info) if f[0]]
+    if bad:
+        raise ValueError(f"rank(s) {bad} of the sequence-parallel group got invalid inputs (their error says which); "
+                         "every rank must pass inputs of the same layout")
+    for i, name in ((5, "lse_old"), (6, "lse")):
+        if len({r[i] for r in info}) > 1:
+            raise ValueError(f"{name} is given on some ranks of the group and not on others: give it on all or none")
+    any_of = [max(r[i] for r in info) for i in (3, 4)]
+    b, n = q.shape[0], q.shape[2]
+    ones = lambda: torch.ones(b, n, dtype=torch.bool, device=device)  # noqa: E731
+    query_mask = ones() if any_of[0] and query_mask is None else query_mask
+    key_mask = ones() if any_of[1] and key_mask is None else key_mask
+    return [r[1:3] for r in info], query_mask, key_mask
+
+
+def _checked(fn, *args):
+    """``(fn(*args), None)``, or ``(None, the input error)`` to be raised after the ranks agree."""
+    try:
+        return fn(*args), None
+    except (TypeError, ValueError, BackendUnavailableError) as e:
+        return None, e
 
 
 def ulysses_divergence(
@@ -593,11 +648,11 @@ def ulysses_divergence(
         ``q`` and ``k``; every rank must backpropagate through it.
     """
     world, rank = _world(group)
-    old_rows = _validate_local(q, k, q_old, k_old, lse_old, query_mask, key_mask, head_reduction, old_rows)
-    cfg = _config(q, q_old, causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self)
-    kern = _kernels(backend, q, q_old, "ulysses_divergence")
+    setup, err = _checked(_setup, "ulysses_divergence", q, k, q_old, k_old, lse_old, query_mask, key_mask, old_rows,
+                          causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self, backend)
+    sizes, query_mask, key_mask = _rank_info(q, q_old, query_mask, key_mask, lse_old, lse, err, group, world)
+    old_rows, cfg, kern = setup
     b, hq, n, _ = q.shape
-    sizes = _sizes(n, q_old.shape[2], q.device, group, world)
     if any(s[0] != n for s in sizes):
         raise ValueError(f"Ulysses layout: every rank must hold the same number of tokens, got {[s[0] for s in sizes]} "
                          "(pad the sequence to a multiple of the degree, as verl does)")
@@ -689,12 +744,12 @@ def context_parallel_divergence(
         ``div`` ``[B, n]`` ("mean") or ``[B, Hq, n]`` ("none") of this rank's rows.
     """
     world, rank = _world(group)
-    old_rows = _validate_local(q, k, q_old, k_old, lse_old, query_mask, key_mask, head_reduction, old_rows)
-    cfg = _config(q, q_old, causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self)
-    kern = _kernels(backend, q, q_old, "context_parallel_divergence")
+    setup, err = _checked(_setup, "context_parallel_divergence", q, k, q_old, k_old, lse_old, query_mask, key_mask,
+                          old_rows, causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self, backend)
+    sizes, query_mask, key_mask = _rank_info(q, q_old, query_mask, key_mask, lse_old, lse, err, group, world)
+    old_rows, cfg, kern = setup
     b, hq, n, _ = q.shape
     m = q_old.shape[2]
-    sizes = _sizes(n, m, q.device, group, world)
     t = sum(s[0] for s in sizes)
     if positions is None:
         positions = torch.arange(n, device=q.device) + sum(s[0] for s in sizes[:rank])

@@ -247,7 +247,7 @@ def _rank_run(lay: Layout, world: int, rank: int, mesh) -> dict:
             else:
                 kpos = torch.cat([torch.empty_like(pos) for _ in range(world)])
                 dist.all_gather_into_tensor(kpos, pos)
-                k_all, v_all = (sp._gather_seq(z, 2, None, world) for z in (k, v))
+                k_all, v_all = (sp.gather_sequence(z) for z in (k, v))
                 km_all = None if p["key_mask"] is None else p["key_mask"][:, kpos]
                 out, lse = _masked_sdpa(q, k_all, v_all, pos, kpos, km_all, seq_id, lay.causal, lay.use_lse)
             div = sp.context_parallel_divergence(q, k, q_old, k_old, positions=pos, old_rows=old_rows, query_mask=qm,
@@ -289,6 +289,10 @@ def _errors(world: int, rank: int) -> dict:
     catch("rows", lambda: sp.context_parallel_divergence(qq, kk, torch.randn(1, 2, 5, 8), kk))
     catch("reference", lambda: sp.ulysses_divergence(qq, kk, qq[:, :, -1:], kk, backend="reference"))
     catch("cu_seqlens", lambda: sp.ulysses_divergence(qq, kk, qq[:, :, -1:], kk, cu_seqlens=torch.tensor([0, 3])))
+    # a bad input on one rank raises on every rank (instead of leaving the others in a collective)
+    catch("one_rank", lambda: sp.ulysses_divergence(qq, kk, qq[:, :, -1:] if rank else torch.randn(1, 2, 9, 8), kk))
+    catch("lse_some", lambda: sp.context_parallel_divergence(qq, kk, qq[:, :, -1:], kk,
+                                                             lse=torch.zeros(1, 2, 4) if rank == 0 else None))
     return msgs
 
 
@@ -365,6 +369,10 @@ def test_unexpressible_layouts_raise(ranks):
             assert "q_old has 5 rows" in e["rows"]
             assert "reference" in e["reference"]
             assert "cu_seqlens" in e["cu_seqlens"]
+            assert "lse is given on some ranks" in e["lse_some"]
+        r0, *others = (r["errors"]["one_rank"] for r in ranks[world])
+        assert "q_old has 9 rows" in r0
+        assert all("rank(s) [0]" in e for e in others)
 
 
 def test_needs_a_process_group(monkeypatch):
@@ -387,17 +395,31 @@ def _split_runs(t: int, cuts: list, bounds: list) -> list:
     return runs
 
 
-@pytest.mark.parametrize("backend", backends_under_test())
-@pytest.mark.parametrize("causal,exclude_self,head_reduction,packed", [
-    (True, False, "mean", False), (True, True, "none", False), (False, True, "mean", False),
-    (True, True, "mean", True)], ids=["causal", "exclude_self-none", "full-exclude_self", "packed"])
-def test_decomposed_keys_match_the_op(backend, causal, exclude_self, head_reduction, packed):
+_DECOMPOSED = [("causal", True, False, "mean", False), ("exclude_self-none", True, True, "none", False),
+               ("full-exclude_self", False, True, "mean", False), ("packed", True, True, "mean", True)]
+
+
+_CUDA_WHY_NOT = ral_kernels.backends.unavailable_reason("cuda", torch.device("cpu"), torch.float16)
+_DTYPE = {"torch": torch.float64, "triton": torch.float32, "cuda": torch.float16}
+_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-4}
+
+
+# Triton's interpreter and the CUDA emulator take seconds per case on a 2-core CPU: one
+# case each (diagonal and full problems, the support's own sweep, packed sequences).
+@pytest.mark.parametrize("backend,case", [("torch", c) for c in _DECOMPOSED] + [
+    (b, _DECOMPOSED[-1]) for b in backends_under_test() if b != "torch"] + [
+    pytest.param("cuda", _DECOMPOSED[-1], marks=pytest.mark.skipif(
+        _CUDA_WHY_NOT is not None, reason=f"backend='cuda' cannot run here: {_CUDA_WHY_NOT}"))],
+    ids=lambda x: x if isinstance(x, str) else x[0])
+def test_decomposed_keys_match_the_op(backend, case, poison):
     """Keys cut into runs (as shards would hold them) and rows split across them: the
-    divergence and its gradients equal the fused op's (dout = 0), on each backend."""
-    dt = torch.float64 if backend == "torch" else torch.float32
+    divergence and its gradients equal the fused op's (dout = 0), on each backend; the
+    kernels' outputs are NaN-poisoned before they run."""
+    _, causal, exclude_self, head_reduction, packed = case
+    dt = _DTYPE[backend]  # the reference: torch in float64 on the same (rounded) inputs
     g = torch.Generator().manual_seed(7)
     b, hq, hk, t, d, r = (1, 4, 2, 29, 16, 17) if packed else (2, 4, 2, 29, 16, 17)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dt)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dt).double()  # noqa: E731
     q, k = rnd(b, hq, t, d), rnd(b, hk, t, d)
     q_old, k_old = rnd(b, hq, r, d), rnd(b, hk, t, d)
     key_mask = None if packed else torch.rand(b, t, generator=g) > 0.2
@@ -413,11 +435,11 @@ def test_decomposed_keys_match_the_op(backend, causal, exclude_self, head_reduct
         cu_old = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
         tr = lambda z: z[0].transpose(0, 1)  # noqa: E731
         _, div = ral_kernels.fused_attn_kl_varlen(tr(qr), tr(kr), tr(kr.detach()), tr(q_old), tr(k_old), cu, cu,
-                                                  cu_seqlens_old=cu_old, backend=backend, **kw)
+                                                  cu_seqlens_old=cu_old, backend="torch", **kw)
         div = div[None] if div.dim() == 1 else div.transpose(0, 1)[None]
     else:
-        _, div = ral_kernels.fused_attn_kl(qr, kr, kr.detach(), q_old, k_old, key_mask=key_mask, backend=backend, **kw)
-    (div * gd.to(div.dtype)).sum().backward()
+        _, div = ral_kernels.fused_attn_kl(qr, kr, kr.detach(), q_old, k_old, key_mask=key_mask, backend="torch", **kw)
+    (div * gd).sum().backward()
     ref = (div.detach(), qr.grad, kr.grad)
 
     cfg = sp._config(q, q_old, sm_scale=None, old_sm_scale=None, **kw)
@@ -425,13 +447,13 @@ def test_decomposed_keys_match_the_op(backend, causal, exclude_self, head_reduct
     problems = tuple(sp._plan(row_runs, _split_runs(t, [5, 13, 14, 22], bounds), causal))
     assert len(problems) > 4
     spec = sp._Spec(ral_kernels.backends.kernel_set(backend), problems, cfg)
-    qs, ks = q.clone().requires_grad_(), k.clone().requires_grad_()
+    qs, ks = q.to(dt).requires_grad_(), k.to(dt).requires_grad_()
     rows_q = qs[:, :, t - r:]
-    div_rows = sp._Divergence.apply(rows_q, ks, q_old, k_old, None, None, None, key_mask, spec)
+    div_rows = sp._Divergence.apply(rows_q, ks, q_old.to(dt), k_old.to(dt), None, None, None, key_mask, spec)
     div_full = torch.cat([div_rows.new_zeros(*div_rows.shape[:2], t - r), div_rows], 2)
     div_full = div_full[:, 0] if head_reduction == "mean" else div_full
     (div_full * gd.to(div_full.dtype)).sum().backward()
-    tol = 1e-10 if dt == torch.float64 else 2e-5
+    tol = _TOL[dt]
     for name, a, e in zip(("div", "dq", "dk"), (div_full.detach(), qs.grad, ks.grad), ref):
         assert_close(a, e, atol=tol, rtol=tol, name=name)
     assert ref[1].abs().max() > 1e-3
