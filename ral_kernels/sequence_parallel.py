@@ -493,8 +493,10 @@ def _kernels(backend: str, q, q_old, fn: str):
     return backends.kernel_set(name)
 
 
-def _validate_local(q, k, q_old, k_old, lse_old, query_mask, key_mask, head_reduction, old_rows):
-    """Shapes of one rank's inputs; returns the local rows that have old queries."""
+def _validate_local(q, k, q_old, k_old, lse_old, query_mask, key_mask, head_reduction, old_rows, k_old_tokens=1):
+    """Shapes of one rank's inputs; returns the local rows that have old queries.
+    ``k_old_tokens``: ``k_old`` may also hold this many times the local tokens (Ulysses:
+    all of them, already gathered)."""
     _check_tensor("q", q, 4, "[B, Hq, n, D] (this rank's rows)")
     _check_tensor("k", k, 4, "[B, Hk, n, D] (this rank's keys)")
     _check_tensor("q_old", q_old, 4, "[B, Ho, m, Do] (old queries of m of this rank's rows)")
@@ -505,8 +507,10 @@ def _validate_local(q, k, q_old, k_old, lse_old, query_mask, key_mask, head_redu
             raise TypeError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {x.dtype}, {x.device}")
         if x.shape[0] != b:
             raise ValueError(f"{name} has batch size {x.shape[0]} but q has {b}")
-    if k.shape[2] != n or k_old.shape[2] != n:
-        raise ValueError(f"k and k_old must hold this rank's {n} tokens like q, got {k.shape[2]} and {k_old.shape[2]}")
+    if k.shape[2] != n or k_old.shape[2] not in (n, k_old_tokens * n):
+        also = f" (or all {k_old_tokens * n} for k_old)" if k_old_tokens > 1 else ""
+        raise ValueError(f"k and k_old must hold this rank's {n} tokens like q{also}, got {k.shape[2]} and "
+                         f"{k_old.shape[2]}")
     if k.shape[3] != d or hq % k.shape[1]:
         raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: same head dim, Hq a multiple of Hk")
     ho, m = q_old.shape[1], q_old.shape[2]
@@ -542,9 +546,10 @@ def _validate_local(q, k, q_old, k_old, lse_old, query_mask, key_mask, head_redu
 
 
 def _setup(fn, q, k, q_old, k_old, lse_old, query_mask, key_mask, old_rows, causal, sm_scale, old_sm_scale,
-           divergence, head_reduction, exclude_self, backend):
+           divergence, head_reduction, exclude_self, backend, k_old_tokens=1):
     """This rank's checked inputs: ``(old_rows, OpConfig, kernel set)``."""
-    old_rows = _validate_local(q, k, q_old, k_old, lse_old, query_mask, key_mask, head_reduction, old_rows)
+    old_rows = _validate_local(q, k, q_old, k_old, lse_old, query_mask, key_mask, head_reduction, old_rows,
+                               k_old_tokens)
     cfg = _config(q, q_old, causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self)
     return old_rows, cfg, _kernels(backend, q, q_old, fn)
 
@@ -556,7 +561,7 @@ def _finish(div_rows, old_rows, n, head_reduction):
     return div[:, 0] if head_reduction == "mean" else div
 
 
-def _rank_info(q, q_old, query_mask, key_mask, lse_old, lse, error, group, world):
+def _rank_info(q, q_old, k_old, query_mask, key_mask, lse_old, lse, error, group, world):
     """Every rank's ``(n, m)`` and which optional inputs the ranks hold (a tiny all-gather),
     so that all ranks take the same collective path (or all raise). Key and query masks: if
     any rank has one, every rank uses one (all True where it had none); ``lse_old`` and
@@ -564,8 +569,8 @@ def _rank_info(q, q_old, query_mask, key_mask, lse_old, lse, error, group, world
     here after the ranks have compared notes (a rank that raised alone would leave the
     others waiting in a collective)."""
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    flags = [0] * 7 if error is not None else [
-        0, q.shape[2], q_old.shape[2]] + [int(x is not None) for x in (query_mask, key_mask, lse_old, lse)]
+    flags = [0] * 8 if error is not None else [0, q.shape[2], q_old.shape[2]] + [
+        int(x is not None) for x in (query_mask, key_mask, lse_old, lse)] + [k_old.shape[2]]
     flags[0] = int(error is not None)
     info = _all_gather(torch.tensor([flags], device=device), group, world).tolist()
     if error is not None:
@@ -577,6 +582,9 @@ def _rank_info(q, q_old, query_mask, key_mask, lse_old, lse, error, group, world
     for i, name in ((5, "lse_old"), (6, "lse")):
         if len({r[i] for r in info}) > 1:
             raise ValueError(f"{name} is given on some ranks of the group and not on others: give it on all or none")
+    if len({r[7] for r in info}) > 1:
+        raise ValueError(f"k_old holds {[r[7] for r in info]} tokens on the ranks: the local tokens on every rank, or "
+                         "all of them on every rank")
     any_of = [max(r[i] for r in info) for i in (3, 4)]
     b, n = q.shape[0], q.shape[2]
     ones = lambda: torch.ones(b, n, dtype=torch.bool, device=device)  # noqa: E731
@@ -628,7 +636,8 @@ def ulysses_divergence(
         q_old: ``[B, Ho, m, Do]`` old queries of ``m`` of this rank's rows: the last ``m``
             (the response part on this rank) or the rows ``old_rows``. The old-policy cache
             is sharded like the rows: ``1/P`` of the single-process cache per rank.
-        k_old: ``[B, Hko, n, Do]`` this rank's old keys (all-gathered, no gradient).
+        k_old: ``[B, Hko, n, Do]`` this rank's old keys (all-gathered here, no gradient), or
+            all ``[B, Hko, T, Do]`` when the caller already holds them.
         group: the sequence-parallel process group (default: the world).
         causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self: as in
             :func:`ral_kernels.fused_attn_kl` (``causal`` over global positions).
@@ -649,8 +658,8 @@ def ulysses_divergence(
     """
     world, rank = _world(group)
     setup, err = _checked(_setup, "ulysses_divergence", q, k, q_old, k_old, lse_old, query_mask, key_mask, old_rows,
-                          causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self, backend)
-    sizes, query_mask, key_mask = _rank_info(q, q_old, query_mask, key_mask, lse_old, lse, err, group, world)
+                          causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self, backend, world)
+    sizes, query_mask, key_mask = _rank_info(q, q_old, k_old, query_mask, key_mask, lse_old, lse, err, group, world)
     old_rows, cfg, kern = setup
     b, hq, n, _ = q.shape
     if any(s[0] != n for s in sizes):
@@ -670,7 +679,7 @@ def ulysses_divergence(
                              f"{tuple(lse.shape)}")
         lse_rows = _all_to_all(lse.detach().to(_stat_dtype(q)), 2, 1, group, world)[:, :, old_rows]
     k_all = _gather_seq(k, 2, group, world)
-    k_old_all = _gather_seq(k_old.detach(), 2, group, world)
+    k_old_all = k_old.detach() if k_old.shape[2] == t != n else _gather_seq(k_old.detach(), 2, group, world)
     km_all = None if key_mask is None else _gather_seq(key_mask, 1, group, world)
     row_pos = old_rows + rank * n
     problems = tuple(_plan(_runs(row_pos, bounds), _runs(torch.arange(t), bounds), cfg.causal))
@@ -746,7 +755,7 @@ def context_parallel_divergence(
     world, rank = _world(group)
     setup, err = _checked(_setup, "context_parallel_divergence", q, k, q_old, k_old, lse_old, query_mask, key_mask,
                           old_rows, causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self, backend)
-    sizes, query_mask, key_mask = _rank_info(q, q_old, query_mask, key_mask, lse_old, lse, err, group, world)
+    sizes, query_mask, key_mask = _rank_info(q, q_old, k_old, query_mask, key_mask, lse_old, lse, err, group, world)
     old_rows, cfg, kern = setup
     b, hq, n, _ = q.shape
     m = q_old.shape[2]

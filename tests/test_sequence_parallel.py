@@ -52,6 +52,7 @@ class Layout:
     shard: str = "contiguous"  # or torch's load-balanced "head_tail"
     attention: str = "sdpa"  # cp: "ring" (torch's ring attention) or "sdpa" (keys all-gathered)
     use_lse: bool = False  # hand the engine attention's log-sum-exp to the divergence
+    k_old_whole: bool = False  # Ulysses: hand over the old keys of the whole sequence (already gathered)
 
     def tokens(self, world: int) -> int:
         return 6 if self.shard == "head_tail" else (7 if world == 2 else 5)
@@ -65,7 +66,8 @@ class Layout:
 LAYOUTS = [
     Layout("ulysses-padded-teacher", "ulysses", padded=True, ho=2, hko=1, do=6),
     Layout("ulysses-perhead-kl-lse", "ulysses", padded=True, divergence="kl", head_reduction="none", use_lse=True),
-    Layout("ulysses-packed-exclude-self", "ulysses", b=1, packed=True, divergence="reverse_kl", exclude_self=True),
+    Layout("ulysses-packed-exclude-self", "ulysses", b=1, packed=True, divergence="reverse_kl", exclude_self=True,
+           k_old_whole=True),
     Layout("ring-headtail-torch-lse", "cp", shard="head_tail", attention="ring", use_lse=True),
     Layout("cp-padded-kl-exclude-self", "cp", padded=True, divergence="kl", exclude_self=True, ho=2, hko=1, do=6),
     Layout("cp-headtail-packed-perhead", "cp", b=1, packed=True, shard="head_tail", head_reduction="none"),
@@ -237,7 +239,8 @@ def _rank_run(lay: Layout, world: int, rank: int, mesh) -> dict:
 
             out = sp.ulysses_attention(q, k, v, attention)
             lse = captured["lse"]
-            div = sp.ulysses_divergence(q, k, q_old, k_old, old_rows=old_rows, query_mask=qm, key_mask=km, lse=lse,
+            k_old_in = _heads(p["x"], p["w_old"]["wk"], lay.hko) if lay.k_old_whole else k_old
+            div = sp.ulysses_divergence(q, k, q_old, k_old_in, old_rows=old_rows, query_mask=qm, key_mask=km, lse=lse,
                                         cu_seqlens=p["cu"], backend="torch", **lay.kwargs)
         else:
             if lay.attention == "ring":

@@ -184,7 +184,7 @@ class UlyssesModel:
         self._hooks, self._configs = [], []
 
 
-def ulysses_model(model, group=None) -> UlyssesModel:
+def ulysses_model(model, group=None, *, slice_inputs: bool = True) -> UlyssesModel:
     """Run ``model`` (a supported Hugging Face model) under Ulysses sequence parallelism
     over ``group``: call it with the inputs of the **whole** sequence on every rank (length a
     multiple of the degree); its text model works on this rank's slice and returns this
@@ -195,6 +195,8 @@ def ulysses_model(model, group=None) -> UlyssesModel:
 
     This is the engine verl provides on GPUs (``ulysses_sequence_parallel_size``), for CPU
     tests and plain torch loops; under verl use only :func:`sequence_parallel_patch`.
+    ``slice_inputs=False`` leaves the inputs alone (a caller that slices them itself, as
+    verl's engine does, and only needs the attention).
     """
     from transformers import AttentionInterface
 
@@ -218,8 +220,9 @@ def ulysses_model(model, group=None) -> UlyssesModel:
             new_cfg.__dict__["_attn_implementation_internal"] = ULYSSES_ATTN_NAME
             attn.config = new_cfg
         attn._ral_ulysses = handle
-    text_model = model.get_decoder() if hasattr(model, "get_decoder") else model
-    handle._hooks.append(text_model.register_forward_pre_hook(handle._slice_inputs, with_kwargs=True))
+    if slice_inputs:
+        text_model = model.get_decoder() if hasattr(model, "get_decoder") else model
+        handle._hooks.append(text_model.register_forward_pre_hook(handle._slice_inputs, with_kwargs=True))
     return handle
 
 

@@ -216,8 +216,9 @@ class RALVerlAdapter:
     Raises:
         UnsupportedVersionError: verl outside :data:`VERL_RANGE` (at import).
         UnsupportedArchitectureError: the model's attention cannot be patched.
-        PatchError: settings the adapter cannot honour (Ulysses sequence parallelism,
-            ``pad_to_length``, an engine that is not an LM-head FSDP engine).
+        PatchError: settings the adapter cannot honour (``pad_to_length``, an engine that is
+            not an LM-head FSDP engine). Ulysses sequence parallelism is supported
+            (:mod:`ral_trainer.adapters.verl_sp`).
     """
 
     def __init__(self, engine, config: Optional[RALVerlConfig] = None, **kwargs):
@@ -231,10 +232,6 @@ class RALVerlAdapter:
         if not isinstance(engine, FSDPEngineWithLMHead):
             raise PatchError(f"RAL: the verl adapter hooks FSDPEngineWithLMHead (the actor engine of verl "
                              f"{VERL_RANGE} with strategy fsdp/fsdp2), got {type(engine).__name__}")
-        if getattr(engine, "use_ulysses_sp", False):
-            raise PatchError("RAL: Ulysses sequence parallelism (ulysses_sequence_parallel_size > 1) splits each "
-                             "sequence's keys across ranks; the attention term needs them on one rank. Set "
-                             "ulysses_sequence_parallel_size=1")
         if getattr(engine, "pad_to_length", False):
             raise PatchError("RAL: engine.pad_to_length appends a pad segment to the packed row; disable it")
         if getattr(engine, "module", None) is None:
@@ -243,6 +240,11 @@ class RALVerlAdapter:
         self.engine = engine
         self.model = _hf_model(engine.module)
         self.patch = patch_model(self.model, config.attention_layers, backend=config.attention_backend)
+        self._sp = None  # Ulysses sequence parallelism (ulysses_sequence_parallel_size > 1): verl_sp
+        if getattr(engine, "use_ulysses_sp", False):
+            from .verl_sp import VerlUlysses
+
+            self._sp = VerlUlysses(engine, self.patch)
         self._store: dict = {}  # (length, token bytes) -> {layer: (q_rows [Ho, n, D], k [Hk, L, D])}
         self._sm_scale: dict = {}
         self._no_capture = 0
@@ -295,7 +297,10 @@ class RALVerlAdapter:
                 return self._orig_forward_step(micro_batch, loss_function=loss_function, forward_only=True)
             with self.patch.capture(num_rows=layout.num_rows) as cap:
                 out = self._orig_forward_step(micro_batch, loss_function=loss_function, forward_only=True)
-            self._store_capture(cap.old_policy, layout)
+            if self._sp is not None:
+                self._sp.store_capture(cap.old_policy, layout, self._store, self._sm_scale)
+            else:
+                self._store_capture(cap.old_policy, layout)
             return out
         return self._update_step(micro_batch, loss_function, layout)
 
@@ -317,15 +322,20 @@ class RALVerlAdapter:
         for key, caps in zip(layout.keys(), per_seq):
             self._store[key] = caps
 
-    def _old_for(self, layout: _BatchLayout, device) -> OldPolicy:
-        t, r, b = layout.width, layout.num_rows, len(layout.lengths)
+    def _captures(self, layout: _BatchLayout) -> list:
         missing = [i for i, key in enumerate(layout.keys()) if key not in self._store]
         if missing:
             raise PatchError(
-                f"RAL: {len(missing)} of {b} sequences of this update micro-batch have no captured old-policy "
-                "attention: the actor's compute_log_prob pass must run (through this adapter's engine) on the same "
-                "batch before update_actor. Recompute old log-probs with the actor (not the rollout's log-probs)")
-        caps = [self._store[key] for key in layout.keys()]
+                f"RAL: {len(missing)} of {len(layout.lengths)} sequences of this update micro-batch have no captured "
+                "old-policy attention: the actor's compute_log_prob pass must run (through this adapter's engine) on "
+                "the same batch before update_actor. Recompute old log-probs with the actor (not the rollout's log-probs)")
+        return [self._store[key] for key in layout.keys()]
+
+    def _old_for(self, layout: _BatchLayout, device) -> OldPolicy:
+        t, r, b = layout.width, layout.num_rows, len(layout.lengths)
+        caps = self._captures(layout)
+        if self._sp is not None:
+            return self._sp.old_for(layout, caps, self._sm_scale, self.patch.layers, device)
         km = layout.key_mask(device)
         layers = {}
         for li in self.patch.layers:
@@ -346,6 +356,8 @@ class RALVerlAdapter:
         dev = micro_batch["input_ids"].values().device
         old = self._old_for(layout, dev)
         rows = layout.row_mask(layout.offsets[-1], dev)
+        if self._sp is not None:
+            rows = self._sp.local_rows(rows)
         layers = decoder_layers(self.model)
         for i in self.patch.layers:  # a checkpointed patched layer would recompute outside the update block
             if getattr(layers[i], "gradient_checkpointing", False):
@@ -355,7 +367,10 @@ class RALVerlAdapter:
 
         def loss_fn(model_output, data, dp_group=None):
             loss, metrics = loss_function(model_output=model_output, data=data, dp_group=dp_group)
-            term, div_mean, agg = self._term(state["upd"].divergence, data, layout, loss_function)
+            div = state["upd"].divergence
+            if self._sp is not None:  # this rank's rows -> the micro-batch's (as verl gathers the log-probs)
+                div = self._sp.gather(div, layout.offsets[-1])
+            term, div_mean, agg = self._term(div, data, layout, loss_function)
             loss = loss + cfg.attention_coef * term.to(loss.dtype)
             metrics = dict(metrics)
             metrics["actor/ral_attention_loss"] = Metric(value=term.detach(), aggregation=agg)
