@@ -108,8 +108,10 @@ def _record(kind: str, x: torch.Tensor, world: int) -> None:
     if not _LOGS:
         return
     n = x.numel() * x.element_size()
+    # a broadcast / reduce is pipelined along the ring: each rank sends the message (once)
     sent = {"all_gather": n * (world - 1), "reduce_scatter": n * (world - 1) // world,
-            "all_reduce": 2 * n * (world - 1) // world, "all_to_all": n * (world - 1) // world}[kind]
+            "all_reduce": 2 * n * (world - 1) // world, "all_to_all": n * (world - 1) // world,
+            "broadcast": n, "reduce": n}[kind]
     for log in _LOGS:
         log.add(kind, n, sent)
 
@@ -166,9 +168,58 @@ class _GatherSeq(torch.autograd.Function):
 
 
 def _gather_seq(x: torch.Tensor, dim: int, group, world: int) -> torch.Tensor:
-    if x.requires_grad:
-        return _GatherSeq.apply(x, dim, group, world)
-    return _all_gather(x.movedim(dim, 0), group, world).movedim(0, dim)
+    return _GatherSeq.apply(x, dim, group, world)
+
+
+def _broadcast(x: torch.Tensor, src: int, group, world: int) -> None:
+    _record("broadcast", x, world)
+    dist.broadcast(x, group=group, group_src=src)
+
+
+def _reduce(x: torch.Tensor, dst: int, group, world: int) -> None:
+    _record("reduce", x, world)
+    dist.reduce(x, group=group, group_dst=dst)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows ``x`` (``sizes[r]`` of them on rank ``r``, along ``dim``) in rank
+    order: one all-gather when the sizes are equal, else one broadcast from each rank that
+    has rows (gloo gathers no uneven blocks, and padding them would send the largest
+    rank's count from every rank). Backward: each rank's rows get their gradient summed over
+    the ranks (reduce-scatter / one reduce per owner)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, sizes, group, world, rank):
+        ctx.args = (dim, sizes, group, world, rank)
+        if len(set(sizes)) == 1:
+            return _all_gather(x.movedim(dim, 0), group, world).movedim(0, dim)
+        x = x.movedim(dim, 0).contiguous()
+        parts = []
+        for r, m in enumerate(sizes):
+            if m:
+                buf = x if r == rank else x.new_empty((m,) + tuple(x.shape[1:]))
+                _broadcast(buf, r, group, world)
+                parts.append(buf)
+        return torch.cat(parts).movedim(0, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, sizes, group, world, rank = ctx.args
+        g = grad.movedim(dim, 0)
+        if len(set(sizes)) == 1:
+            return _reduce_scatter(g, group, world).movedim(0, dim), None, None, None, None, None
+        mine, off = g.new_zeros((sizes[rank],) + tuple(g.shape[1:])), 0
+        for r, m in enumerate(sizes):
+            if m:
+                part = g[off:off + m].contiguous()
+                _reduce(part, r, group, world)
+                mine = part if r == rank else mine
+                off += m
+        return mine.movedim(0, dim), None, None, None, None, None
+
+
+def _gather_rows(x, dim, sizes, group, world, rank):
+    return _GatherRows.apply(x, dim, sizes, group, world, rank)
 
 
 def gather_sequence(x: torch.Tensor, dim: int = 2, group=None) -> torch.Tensor:
@@ -570,7 +621,7 @@ def _rank_info(q, q_old, k_old, query_mask, key_mask, lse_old, lse, error, group
     others waiting in a collective)."""
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     flags = [0] * 8 if error is not None else [0, q.shape[2], q_old.shape[2]] + [
-        int(x is not None) for x in (query_mask, key_mask, lse_old, lse)] + [k_old.shape[2]]
+        int(x is not None) for x in (query_mask, key_mask, lse_old, lse)] + [int(k_old.shape[2] != q.shape[2])]
     flags[0] = int(error is not None)
     info = _all_gather(torch.tensor([flags], device=device), group, world).tolist()
     if error is not None:
@@ -583,8 +634,7 @@ def _rank_info(q, q_old, k_old, query_mask, key_mask, lse_old, lse, error, group
         if len({r[i] for r in info}) > 1:
             raise ValueError(f"{name} is given on some ranks of the group and not on others: give it on all or none")
     if len({r[7] for r in info}) > 1:
-        raise ValueError(f"k_old holds {[r[7] for r in info]} tokens on the ranks: the local tokens on every rank, or "
-                         "all of them on every rank")
+        raise ValueError("k_old holds the local tokens on some ranks and all of them on others: the same on every rank")
     any_of = [max(r[i] for r in info) for i in (3, 4)]
     b, n = q.shape[0], q.shape[2]
     ones = lambda: torch.ones(b, n, dtype=torch.bool, device=device)  # noqa: E731
@@ -777,29 +827,21 @@ def context_parallel_divergence(
             raise ValueError(f"lse must be the CP attention's [B, Hq, n] = {(b, hq, n)} of this rank's rows, got "
                              f"{tuple(lse.shape)}")
     cdt = _stat_dtype(q)
-    m_max = max(s[1] for s in sizes)
-    if m_max == 0:
+    if all(sz[1] == 0 for sz in sizes):
         return _finish(q.new_zeros(b, cfg.groups(hq), 0, dtype=cdt) + 0 * q.sum() + 0 * k.sum(), old_rows, n,
                        head_reduction)
 
-    # Gather the rows with old queries, padded to the largest rank's count (equal blocks).
-    def gather_rows(x, dim, pad_value=0):
-        x = x.movedim(dim, 0)
-        if m < m_max:
-            x = torch.cat([x, x.new_full((m_max - m,) + tuple(x.shape[1:]), pad_value)])
-        x = x.movedim(0, dim)
-        return _gather_seq(x, dim, group, world)
-
-    keep = torch.cat([torch.arange(s[1], device=q.device) + r * m_max for r, s in enumerate(sizes)])
-    row_pos_all = gather_rows(positions[old_rows], 0, -1)[keep]
+    # Gather the rows with old queries (in rank order), then sort them by position.
+    counts = [sz[1] for sz in sizes]
+    gather = lambda x, dim: _gather_rows(x, dim, counts, group, world, rank)  # noqa: E731
+    row_pos_all = gather(positions[old_rows], 0)
     order = torch.argsort(row_pos_all)
-    sel = keep[order]  # sorted rows -> their place in the padded gather
-    pick = lambda x, dim, pad=0: gather_rows(x, dim, pad).index_select(dim, sel)  # noqa: E731
+    pick = lambda x, dim: gather(x, dim).index_select(dim, order)  # noqa: E731
     q_rows = pick(q.index_select(2, old_rows), 2)
     q_old_rows = pick(q_old.detach(), 2)
-    lse_old_rows = None if lse_old is None else pick(lse_old.detach().to(cdt), 2, math.inf)
-    lse_rows = None if lse is None else pick(lse.detach().to(cdt)[:, :, old_rows], 2, math.inf)
-    qm_rows = None if query_mask is None else pick(query_mask[:, old_rows], 1, False)
+    lse_old_rows = None if lse_old is None else pick(lse_old.detach().to(cdt), 2)
+    lse_rows = None if lse is None else pick(lse.detach().to(cdt)[:, :, old_rows], 2)
+    qm_rows = None if query_mask is None else pick(query_mask[:, old_rows], 1)
     # Keys in ascending position order (torch's load balancer keeps each shard ascending).
     kperm = torch.argsort(positions)
     if bool((kperm != torch.arange(n, device=q.device)).any()):

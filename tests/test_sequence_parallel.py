@@ -53,6 +53,7 @@ class Layout:
     attention: str = "sdpa"  # cp: "ring" (torch's ring attention) or "sdpa" (keys all-gathered)
     use_lse: bool = False  # hand the engine attention's log-sum-exp to the divergence
     k_old_whole: bool = False  # Ulysses: hand over the old keys of the whole sequence (already gathered)
+    half: bool = False  # the response is the second half (head-tail shards: as many rows on every rank)
 
     def tokens(self, world: int) -> int:
         return 6 if self.shard == "head_tail" else (7 if world == 2 else 5)
@@ -68,7 +69,7 @@ LAYOUTS = [
     Layout("ulysses-perhead-kl-lse", "ulysses", padded=True, divergence="kl", head_reduction="none", use_lse=True),
     Layout("ulysses-packed-exclude-self", "ulysses", b=1, packed=True, divergence="reverse_kl", exclude_self=True,
            k_old_whole=True),
-    Layout("ring-headtail-torch-lse", "cp", shard="head_tail", attention="ring", use_lse=True),
+    Layout("ring-headtail-torch-lse", "cp", shard="head_tail", attention="ring", use_lse=True, half=True),
     Layout("cp-padded-kl-exclude-self", "cp", padded=True, divergence="kl", exclude_self=True, ho=2, hko=1, do=6),
     Layout("cp-headtail-packed-perhead", "cp", b=1, packed=True, shard="head_tail", head_reduction="none"),
     Layout("cp-headtail-noncausal", "cp", padded=True, shard="head_tail", causal=False, exclude_self=True),
@@ -96,7 +97,7 @@ def _problem(lay: Layout, world: int) -> dict:
         for s, e in zip(cu.tolist(), cu.tolist()[1:]):
             resp[0, e - max(1, (e - s) * 2 // 5):e] = True
     else:
-        resp[:, t - (t // 2 + 1):] = True
+        resp[:, t // 2 if lay.half else t - (t // 2 + 1):] = True
     query_mask = resp.clone()
     if lay.padded:
         key_mask[1, :3] = False  # a left-padded prompt

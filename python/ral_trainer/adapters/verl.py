@@ -297,10 +297,7 @@ class RALVerlAdapter:
                 return self._orig_forward_step(micro_batch, loss_function=loss_function, forward_only=True)
             with self.patch.capture(num_rows=layout.num_rows) as cap:
                 out = self._orig_forward_step(micro_batch, loss_function=loss_function, forward_only=True)
-            if self._sp is not None:
-                self._sp.store_capture(cap.old_policy, layout, self._store, self._sm_scale)
-            else:
-                self._store_capture(cap.old_policy, layout)
+            self._store_capture(cap.old_policy, layout)
             return out
         return self._update_step(micro_batch, loss_function, layout)
 
@@ -308,6 +305,8 @@ class RALVerlAdapter:
     def _store_capture(self, old: Optional[OldPolicy], layout: _BatchLayout):
         if old is None:
             raise PatchError("RAL: verl's log-prob forward did not reach the patched attention layer(s)")
+        if self._sp is not None:
+            return self._sp.store_capture(old, layout, self._store, self._sm_scale)
         t, r = layout.width, layout.num_rows
         per_seq = [dict() for _ in layout.lengths]
         for li, cap in old.layers.items():
