@@ -4,8 +4,8 @@ Runs ``ral_kernels.sequence_parallel.ulysses_divergence`` and
 ``context_parallel_divergence`` (torch's head-tail load-balanced shards) forward and
 backward on ``P`` gloo processes and records, per rank, every collective they issue
 (``count_communication``: payload and the bytes the ring algorithm sends), the old-policy
-cache each rank keeps and the wall time; the same problem in one process gives the
-single-process cache. One patched layer, one micro-batch: multiply by the patched layers
+cache each rank keeps and the wall time (in the JSON only: on a shared CPU it says little),
+against the single-process cache ``(R·Hq + T·Hk)·D`` elements. One patched layer, one micro-batch: multiply by the patched layers
 (one, RAL's last layer) and the micro-batches of a step.
 
     python benchmarks/bench_sequence_parallel.py --out benchmarks/results/sequence_parallel
@@ -112,8 +112,8 @@ def main(argv=None):
         f"`python benchmarks/bench_sequence_parallel.py --world {' '.join(map(str, a.world))} --tokens {a.tokens} "
         f"--rows {a.rows}` · commit {_commit()} · {datetime.date.today()}",
         "",
-        "| P | mode | all-gather MiB | reduce-scatter MiB | all-reduce MiB | all-to-all MiB | total sent MiB "
-        "| ÷ `T·Hk·D` | old-policy cache per rank MiB (max / mean) | ÷ single-process | seconds (max) |",
+        "| P | mode | all-gather MiB | broadcast MiB | reduce-scatter MiB | reduce MiB | all-reduce MiB "
+        "| total sent MiB | ÷ `T·Hk·D` | old-policy cache per rank MiB (max / mean) | ÷ single-process |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     raw = {}
@@ -127,14 +127,13 @@ def main(argv=None):
         raw[world] = ranks
         for mode in ("ulysses", "context_parallel"):
             rs = [r[mode] for r in ranks]
-            kinds = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+            kinds = ("all_gather", "broadcast", "reduce_scatter", "reduce", "all_reduce")
             sent = {kd: max(r["sent"].get(kd, 0) for r in rs) for kd in kinds}
             total = max(sum(r["sent"].values()) for r in rs)
             cache = [r["cache"] for r in rs]
             lines.append(f"| {world} | {mode} | " + " | ".join(_mib(sent[kd]) for kd in kinds) +
                          f" | {_mib(total)} | {total / k_bytes:.2f} | {_mib(max(cache))} / {_mib(sum(cache) / world)} "
-                         f"| {max(cache) / single_cache:.2f} / {sum(cache) / world / single_cache:.2f} "
-                         f"| {max(r['seconds'] for r in rs):.2f} |")
+                         f"| {max(cache) / single_cache:.2f} / {sum(cache) / world / single_cache:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out is not None:

@@ -16,12 +16,13 @@ the backend's kernel set (:mod:`ral_kernels.backends.pipeline`):
 * **Ring / context parallel** (:func:`context_parallel_divergence`): keys stay where they
   are (each rank its shard, in any order, e.g. torch's load-balanced head-tail order). The
   queries of the rows that carry a divergence (the response, usually a small share of the
-  sequence) are all-gathered; every rank computes partial statistics of *all* those rows
+  sequence) are gathered to every rank (an all-gather, or one broadcast per rank that holds
+  such rows when the ranks hold different numbers); every rank computes partial statistics of *all* those rows
   over *its* keys, and they merge with small all-reduces of ``O(rows x heads)`` floats,
   never a map: log-sum-exps by ``max`` + ``sum`` (``lse``, ``lse_S`` of both policies),
   then sums (the divergence, ``E``, the old mass; in backward ``A_h`` and the incoming
-  ``w``). Each rank's ``dk`` stays local; the rows' ``dq`` partials are reduce-scattered
-  back to their owners.
+  ``w``). Each rank's ``dk`` stays local; the rows' ``dq`` partials are summed back to
+  their owners (reduce-scatter, or one reduce per owner).
 
 How a rank's rows meet a key shard. The kernel passes use bottom-right aligned causal masks
 (row ``i`` of ``Tq`` sees key ``j <= i + Tk - Tq``). Rows ``[x, y)`` and a contiguous run of
@@ -66,10 +67,11 @@ __all__ = ["context_parallel_divergence", "count_communication", "gather_sequenc
 @dataclasses.dataclass
 class CommunicationLog:
     """Collectives issued inside :func:`count_communication`, per kind (``all_gather``,
-    ``reduce_scatter``, ``all_reduce``, ``all_to_all``): number of calls, ``payload``
-    (bytes of the tensor this rank hands in) and ``sent`` (bytes this rank sends under the
-    ring algorithm NCCL and gloo use: ``(P-1)/P`` of the gathered / scattered / exchanged
-    size, ``2 (P-1)/P`` of an all-reduce)."""
+    ``reduce_scatter``, ``all_reduce``, ``all_to_all``, ``broadcast``, ``reduce``): number
+    of calls, ``payload`` (bytes of the tensor this rank hands in) and ``sent`` (bytes this
+    rank sends under the ring algorithms NCCL uses: ``(P-1)/P`` of the gathered / scattered
+    / exchanged size, ``2 (P-1)/P`` of an all-reduce, the whole message of a pipelined
+    broadcast or reduce)."""
 
     calls: dict = dataclasses.field(default_factory=dict)
     payload: dict = dataclasses.field(default_factory=dict)
@@ -280,15 +282,16 @@ def ulysses_attention(q, k, v, attention: Callable, group=None) -> torch.Tensor:
     """Ulysses attention around any attention callable, as DeepSpeed-Ulysses and verl do it:
     ``q, k, v`` are this rank's rows ``[B, H, T/P, D]`` (all heads); they are exchanged so
     that ``attention(q, k, v)`` sees every row of ``H/P`` heads (KV heads that ``P`` does
-    not divide are repeated to the query heads first, as verl does), and the output comes
-    back as this rank's rows ``[B, H, T/P, Dv]``."""
+    not divide are repeated just enough that it does, as verl does: GQA groups are kept),
+    and the output comes back as this rank's rows ``[B, H, T/P, Dv]``."""
     world, _ = _world(group)
     hq, hk = q.shape[1], k.shape[1]
     _check_heads("q", hq, world)
-    if hk % world:
-        if hq % hk:
-            raise ValueError(f"q has {hq} heads, not a multiple of the {hk} KV heads")
-        k, v = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
+    if hq % hk:
+        raise ValueError(f"q has {hq} heads, not a multiple of the {hk} KV heads")
+    rep = world // math.gcd(hk, world)  # hk * rep = lcm(hk, P), which divides hq
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     out = attention(seq_to_heads(q, group), seq_to_heads(k, group), seq_to_heads(v, group))
     return heads_to_seq(out, group)
 

@@ -30,6 +30,7 @@ from ral_kernels import sequence_parallel as sp
 from conftest import assert_close, backends_under_test
 
 C = 12  # model width of the tiny attention model
+WORLDS = (2, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +210,7 @@ class _TorchRing(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def _rank_run(lay: Layout, world: int, rank: int, mesh) -> dict:
+def _rank_run(lay: Layout, world: int, rank: int, mesh, group) -> dict:
     p = _problem(lay, world)
     t = p["t"]
     pos = _positions(lay, t, world, rank, mesh)
@@ -238,37 +239,36 @@ def _rank_run(lay: Layout, world: int, rank: int, mesh) -> dict:
                                                   lay.causal, lay.use_lse)
                 return o
 
-            out = sp.ulysses_attention(q, k, v, attention)
+            out = sp.ulysses_attention(q, k, v, attention, group=group)
             lse = captured["lse"]
             k_old_in = _heads(p["x"], p["w_old"]["wk"], lay.hko) if lay.k_old_whole else k_old
             div = sp.ulysses_divergence(q, k, q_old, k_old_in, old_rows=old_rows, query_mask=qm, key_mask=km, lse=lse,
-                                        cu_seqlens=p["cu"], backend="torch", **lay.kwargs)
+                                        cu_seqlens=p["cu"], group=group, backend="torch", **lay.kwargs)
         else:
             if lay.attention == "ring":
                 rep = lay.hq // lay.hk
-                out, lse = _TorchRing.apply(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                            dist.group.WORLD)
+                out, lse = _TorchRing.apply(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), group)
             else:
                 kpos = torch.cat([torch.empty_like(pos) for _ in range(world)])
-                dist.all_gather_into_tensor(kpos, pos)
-                k_all, v_all = (sp.gather_sequence(z) for z in (k, v))
+                dist.all_gather_into_tensor(kpos, pos, group=group)
+                k_all, v_all = (sp.gather_sequence(z, group=group) for z in (k, v))
                 km_all = None if p["key_mask"] is None else p["key_mask"][:, kpos]
                 out, lse = _masked_sdpa(q, k_all, v_all, pos, kpos, km_all, seq_id, lay.causal, lay.use_lse)
             div = sp.context_parallel_divergence(q, k, q_old, k_old, positions=pos, old_rows=old_rows, query_mask=qm,
                                                  key_mask=km, lse=lse if lay.use_lse else None, cu_seqlens=p["cu"],
-                                                 backend="torch", **lay.kwargs)
+                                                 group=group, backend="torch", **lay.kwargs)
         go = p["go"][:, :, pos]
         gd = p["gd"][..., pos]
         ((out * go).sum() + (div * gd).sum()).backward()
     grads = {"d" + n: w[n].grad.clone() for n in w}
     for g in grads.values():
-        dist.all_reduce(g)  # the ranks' shares of the weights' gradient (DDP / FSDP do this)
+        dist.all_reduce(g, group=group)  # the ranks' shares of the weights' gradient (DDP / FSDP do this)
     cache = sum(z.numel() * z.element_size() for z in (q_old, k_old))
     return dict(pos=pos, out=out.detach(), div=div.detach(), dq=q.grad, dk=k.grad, dv=v.grad, cache=cache,
                 sent=dict(log.sent), calls=dict(log.calls), **grads)
 
 
-def _errors(world: int, rank: int) -> dict:
+def _errors(world: int, rank: int, group) -> dict:
     """Layouts that cannot be expressed raise errors naming them (on every rank alike)."""
     msgs = {}
     q = torch.randn(1, 3, 4, 8)
@@ -280,38 +280,49 @@ def _errors(world: int, rank: int) -> dict:
         except (ValueError, TypeError, RuntimeError) as e:
             msgs[name] = f"{type(e).__name__}: {e}"
 
-    catch("heads", lambda: sp.seq_to_heads(q))
-    catch("ulysses_heads", lambda: sp.ulysses_attention(q, q, q, lambda *a: a[0]))
+    catch("heads", lambda: sp.seq_to_heads(q, group))
+    catch("ulysses_heads", lambda: sp.ulysses_attention(q, q, q, lambda *a: a[0], group))
     k = torch.randn(1, 1, 4, 8)
-    catch("lse_heads", lambda: sp.ulysses_divergence(q, k, q[:, :, -2:], k, lse=torch.zeros(1, 1, 4 * world)))
+    catch("lse_heads", lambda: sp.ulysses_divergence(q, k, q[:, :, -2:], k, lse=torch.zeros(1, 1, 4 * world),
+                                                     group=group))
     n = 4 + rank  # ranks holding different lengths
     catch("uneven", lambda: sp.ulysses_divergence(torch.randn(1, 2, n, 8), torch.randn(1, 1, n, 8),
-                                                  torch.randn(1, 2, 1, 8), torch.randn(1, 1, n, 8)))
+                                                  torch.randn(1, 2, 1, 8), torch.randn(1, 1, n, 8), group=group))
     qq, kk = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8)
     catch("positions", lambda: sp.context_parallel_divergence(qq, kk, qq[:, :, -1:], kk,
-                                                              positions=torch.tensor([0, 1, 2, 99])))
-    catch("rows", lambda: sp.context_parallel_divergence(qq, kk, torch.randn(1, 2, 5, 8), kk))
-    catch("reference", lambda: sp.ulysses_divergence(qq, kk, qq[:, :, -1:], kk, backend="reference"))
-    catch("cu_seqlens", lambda: sp.ulysses_divergence(qq, kk, qq[:, :, -1:], kk, cu_seqlens=torch.tensor([0, 3])))
+                                                              positions=torch.tensor([0, 1, 2, 99]), group=group))
+    catch("rows", lambda: sp.context_parallel_divergence(qq, kk, torch.randn(1, 2, 5, 8), kk, group=group))
+    catch("reference", lambda: sp.ulysses_divergence(qq, kk, qq[:, :, -1:], kk, backend="reference", group=group))
+    catch("cu_seqlens", lambda: sp.ulysses_divergence(qq, kk, qq[:, :, -1:], kk, cu_seqlens=torch.tensor([0, 3]),
+                                                      group=group))
     # a bad input on one rank raises on every rank (instead of leaving the others in a collective)
-    catch("one_rank", lambda: sp.ulysses_divergence(qq, kk, qq[:, :, -1:] if rank else torch.randn(1, 2, 9, 8), kk))
+    catch("one_rank", lambda: sp.ulysses_divergence(qq, kk, qq[:, :, -1:] if rank else torch.randn(1, 2, 9, 8), kk,
+                                                    group=group))
     catch("lse_some", lambda: sp.context_parallel_divergence(qq, kk, qq[:, :, -1:], kk,
-                                                             lse=torch.zeros(1, 2, 4) if rank == 0 else None))
+                                                             lse=torch.zeros(1, 2, 4) if rank == 0 else None,
+                                                             group=group))
     return msgs
 
 
-def _worker(rank: int, world: int, port: int, out: str):
+def _worker(rank: int, port: int, out: str):
+    """4 processes: every layout on a group of the first 2 ranks (the others wait), then on
+    all 4 (sequence-parallel groups other than the world are what trainers pass)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", rank=rank, world_size=max(WORLDS))
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor.experimental._context_parallel import _attention as cp
 
     cp._cp_options.enable_load_balance = True  # the head-tail layout of the ring
     cp._cp_options.convert_to_f32 = False  # float64 stays float64 (the reference)
-    mesh = init_device_mesh("cpu", (world,))
-    res = {lay.name: _rank_run(lay, world, rank, mesh) for lay in LAYOUTS}
-    res["errors"] = _errors(world, rank)
+    res = {}
+    for world in WORLDS:
+        group = dist.new_group(list(range(world)))  # collective: every rank creates every group
+        mesh = DeviceMesh("cpu", list(range(world)))
+        if rank < world:
+            res[world] = {lay.name: _rank_run(lay, world, rank, mesh, group) for lay in LAYOUTS}
+            res[world]["errors"] = _errors(world, rank, group)
+        dist.barrier()
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -329,13 +340,11 @@ needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """``{world: [rank results]}`` for 2 and 4 processes (one spawn each, every layout)."""
-    res = {}
-    for world in (2, 4):
-        out = tmp_path_factory.mktemp(f"sp{world}")
-        mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
-        res[world] = [torch.load(out / f"rank{r}.pt") for r in range(world)]
-    return res
+    """``{world: [rank results]}`` for 2 and 4 processes (one spawn, every layout)."""
+    out = tmp_path_factory.mktemp("sp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=max(WORLDS), join=True)
+    saved = [torch.load(out / f"rank{r}.pt") for r in range(max(WORLDS))]
+    return {world: [saved[r][world] for r in range(world)] for world in WORLDS}
 
 
 @needs_gloo
@@ -363,7 +372,7 @@ def test_ranks_match_one_process(ranks, world, lay):
 
 @needs_gloo
 def test_unexpressible_layouts_raise(ranks):
-    for world in (2, 4):
+    for world in WORLDS:
         for e in (r["errors"] for r in ranks[world]):
             assert "degree" in e["heads"] and "3 heads" in e["heads"]
             assert "degree" in e["ulysses_heads"]

@@ -127,7 +127,8 @@ def _ulysses_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
 
     def attention(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
 
     out = ksp.ulysses_attention(query, key, value, attention, group=handle.group)
     return out.transpose(1, 2).contiguous(), None
