@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_kernel(const BwdPar
 #pragma unroll
       for (int e = 0; e < 4; ++e) dpt[t][e] = st[t][e] * (dpt[t][e] - sDelta[frag_col(t, e)]);
     gemm_pn<T, NM, NV>(dk, dpt, sQ, LD);
-    __syncthreads();  // release this stage for the load issued in the next iteration
+    __syncthreads();  // RAL_RELEASE_BARRIER(dkdv): this stage is free for the next iteration's load
   }
   store_rows_f32<NV, HD, false>(p.dk + kv_off, dk, n0 + warp * 16, p.Tk, p.scale);
   store_rows_f32<NV, HD, false>(p.dv + kv_off, dv, n0 + warp * 16, p.Tk, 1.f);
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const BwdParam
         s[t][e] = ok ? expf(s[t][e] * p.scale - lse[r]) * (dp[t][e] - delta[r]) : 0.f;
       }
     gemm_pn<T, NT, NV>(dq, s, sK, LD);
-    __syncthreads();  // release this stage for the load issued in the next iteration
+    __syncthreads();  // RAL_RELEASE_BARRIER(dq): this stage is free for the next iteration's load
   }
   store_rows_f32<NV, HD, false>(p.dq + q_off, dq, m0 + warp * 16, p.Tq, p.scale);
 }

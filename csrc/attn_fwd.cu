@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(const FwdParams p
         for (int e = 0; e < 4; ++e) acc[t][e] *= corr[e >> 1];
       gemm_pn<T, NT, NV>(acc, s, sV, LD);
     }
-    __syncthreads();  // release this stage for the load issued in the next iteration
+    __syncthreads();  // RAL_RELEASE_BARRIER(fwd): this stage is free for the next iteration's load
   }
 
   const int R = p.Tq - p.r0;

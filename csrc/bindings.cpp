@@ -8,8 +8,10 @@
 // tensors: the kernels then run in the CPU emulator (tests on machines without a GPU).
 #include <torch/extension.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "ral_cuda.h"
 
@@ -88,14 +90,35 @@ const uint8_t* kmask_ptr(const OptTensor& kmask, const Tensor& q, int64_t B, int
   return reinterpret_cast<const uint8_t*>(kmask->data_ptr());
 }
 
-template <typename F> void run(const Tensor& q, F&& launch) {
+// A tensor a launch reads or writes. The emulation build hands these to the emulator, which
+// checks per launch that inputs stay unchanged and that each output byte is written by one
+// block (blocks run one after another there, at once on a GPU); the CUDA build ignores them.
+struct Access {
+  const char* name;
+  const Tensor* t;
+  bool written;
+};
+Access reads(const char* name, const Tensor& t) { return {name, &t, false}; }
+Access reads(const char* name, const OptTensor& t) { return {name, t ? &*t : nullptr, false}; }
+Access writes(const char* name, const Tensor& t) { return {name, &t, true}; }
+Access writes(const char* name, const OptTensor& t) { return {name, t ? &*t : nullptr, true}; }
+
+template <typename F> void run(const Tensor& q, std::initializer_list<Access> accesses, F&& launch) {
 #ifdef RAL_CPU_EMULATION
+  std::vector<ral_emu::Region> regions;
+  for (const Access& a : accesses)
+    if (a.t != nullptr)
+      regions.push_back({a.name, a.t->data_ptr(), a.t->nbytes(), size_t(a.t->element_size()), a.written});
+  const ral_emu::GlobalWatch watch(std::move(regions));
   const cudaError_t err = launch(cudaStream_t(nullptr));
+  TORCH_CHECK(err == cudaSuccess, "ral_kernels CUDA kernel launch failed: ", cudaGetErrorString(err), ": ",
+              ral_emu::last_error_message());
 #else
+  (void)accesses;
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaError_t err = launch(at::cuda::getCurrentCUDAStream().stream());
-#endif
   TORCH_CHECK(err == cudaSuccess, "ral_kernels CUDA kernel launch failed: ", cudaGetErrorString(err));
+#endif
 }
 
 // Attention forward (v and out given) or the old policy's statistics (v, out None).
@@ -139,7 +162,10 @@ void attn_fwd(const Tensor& q, const Tensor& k, const OptTensor& v, const OptTen
   p.scale = float(scale);
   p.causal = causal;
   p.exclude_self = exclude_self;
-  run(q, [&](cudaStream_t s) { return ral::attn_fwd(p, s); });
+  run(q,
+      {reads("q", q), reads("k", k), reads("v", v), reads("key_mask", kmask), writes("out", out), writes("lse", lse),
+       writes("mass", mass)},
+      [&](cudaStream_t s) { return ral::attn_fwd(p, s); });
 }
 
 void attn_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const Tensor& lse,
@@ -175,7 +201,10 @@ void attn_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& d
   p.kmask = kmask_ptr(kmask, q, p.B, p.Tk);
   p.scale = float(scale);
   p.causal = causal;
-  run(q, [&](cudaStream_t s) { return ral::attn_bwd(p, s); });
+  run(q,
+      {reads("q", q), reads("k", k), reads("v", v), reads("dout", dout), reads("lse", lse), reads("delta", delta),
+       reads("key_mask", kmask), writes("dq", dq), writes("dk", dk), writes("dv", dv)},
+      [&](cudaStream_t s) { return ral::attn_bwd(p, s); });
 }
 
 // Shared checks of div_fwd / div_bwd; fills everything but the pass-specific pointers.
@@ -240,7 +269,11 @@ void div_fwd(const Tensor& q, const Tensor& k, const Tensor& lse, const Tensor& 
   p.div = div.data_ptr<float>();
   p.e_out = e.data_ptr<float>();
   p.a = a.data_ptr<float>();
-  run(q, [&](cudaStream_t s) { return ral::div_fwd(p, s); });
+  run(q,
+      {reads("q", q), reads("k", k), reads("lse", lse), reads("q_old", q_old), reads("k_old", k_old),
+       reads("lse_old", lse_old), reads("z", z), reads("z_old", z_old), reads("key_mask", kmask), writes("div", div),
+       writes("e", e), writes("a", a)},
+      [&](cudaStream_t s) { return ral::div_fwd(p, s); });
 }
 
 void div_bwd(const Tensor& q, const Tensor& k, const Tensor& lse, const Tensor& q_old, const Tensor& k_old,
@@ -258,7 +291,11 @@ void div_bwd(const Tensor& q, const Tensor& k, const Tensor& lse, const Tensor& 
   p.w = w.data_ptr<float>();
   p.dq = dq.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
-  run(q, [&](cudaStream_t s) { return ral::div_bwd(p, s); });
+  run(q,
+      {reads("q", q), reads("k", k), reads("lse", lse), reads("q_old", q_old), reads("k_old", k_old),
+       reads("lse_old", lse_old), reads("z", z), reads("z_old", z_old), reads("e", e), reads("w", w),
+       reads("key_mask", kmask), writes("dq", dq), writes("dk", dk)},
+      [&](cudaStream_t s) { return ral::div_bwd(p, s); });
 }
 
 }  // namespace
@@ -270,4 +307,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attn_bwd", &attn_bwd, "flash backward with delta_eff: dq, dk, dv (fp32)");
   m.def("div_fwd", &div_fwd, "divergence, E and A_h on the cached rows");
   m.def("div_bwd", &div_bwd, "divergence part of dS into dq (rows) and dk (keys)");
+#ifdef RAL_CPU_EMULATION
+  m.def("emu_set_schedule", &ral_emu::set_schedule, pybind11::arg("spec"),
+        "emulator: schedule of later launches, e.g. 'random:seed=3,preempt=0.25,landing=random' "
+        "(csrc/emu/cuda_emu.h); returns the previous schedule's spec");
+  m.def("emu_schedule", &ral_emu::schedule, "emulator: the current schedule's spec");
+  m.def("emu_set_arch", &ral_emu::set_arch, pybind11::arg("sm"),
+        "emulator: compute capability whose shared-memory limit launches check (80, 86, 87, 89, 90, 100, 120); "
+        "returns the previous one");
+  m.def("emu_arch", &ral_emu::arch, "emulator: the compute capability whose limits launches check");
+  m.def("emu_max_dyn_smem", &ral_emu::max_dyn_smem_per_block, pybind11::arg("sm"),
+        "emulator: dynamic shared memory a block may use on compute capability sm (0 if unknown)");
+#endif
 }

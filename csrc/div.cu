@@ -53,7 +53,7 @@ __device__ __forceinline__ void head_alpha(float (&acc)[NT][4], uint32_t supp, c
   const int64_t head = int64_t(b) * sd.H + h;
   const T* q = static_cast<const T*>(sd.q) + (head * sd.rows + sd.row_off) * HD;
   const T* k = static_cast<const T*>(sd.k) + (int64_t(b) * sd.HK + h / (sd.H / sd.HK)) * Tk * HD;
-  __syncthreads();  // the previous head's tiles are no longer read
+  __syncthreads();  // RAL_RELEASE_BARRIER(div): the previous head's tiles are no longer read
   load_tile<T, QROWS, HD>(sm.q, q, rq0, R);
   load_tile<T, KROWS, HD>(sm.k, k, n0, Tk);
   load_vec<QROWS>(sm.lse, sd.lse + head * sd.rows + sd.row_off, rq0, R, INFINITY);

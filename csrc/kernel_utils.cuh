@@ -15,10 +15,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#ifdef RAL_CPU_EMULATION
-#include <deque>
-#include <vector>
-#endif
 
 #include "ral_cuda.h"
 
@@ -27,9 +23,12 @@
 #include <cuda_fp16.h>
 #define RAL_DYN_SMEM(name) extern __shared__ __align__(16) char name[]
 #define RAL_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define RAL_SHARED_STORE_POINT() ((void)0)
 #else
 #define RAL_DYN_SMEM(name) char* name = ::ral_emu::dynamic_smem()
 #define RAL_LAUNCH(kernel, grid, block, smem, stream, ...) ::ral_emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+// Before a shared-memory store: where the emulator's perturbed schedules may switch threads.
+#define RAL_SHARED_STORE_POINT() ::ral_emu::preemption_point()
 #endif
 
 namespace ral {
@@ -57,13 +56,6 @@ template <typename T> __device__ __forceinline__ uint16_t bits(T x) {
   uint16_t u;
   memcpy(&u, &x, 2);
   return u;
-}
-
-template <typename T> __device__ __forceinline__ float bits_to_float(uint32_t u) {
-  const uint16_t lo = static_cast<uint16_t>(u);
-  T x;
-  memcpy(&x, &lo, 2);
-  return Cvt<T>::to_float(x);
 }
 
 // Two floats rounded to T, the first in the low half (the lower-index element).
@@ -94,24 +86,10 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 #else
-// The same instruction computed from the fragment layout above: every lane publishes its
-// registers, then forms its four outputs (fp32 accumulation of exact 16-bit products).
+// The same instruction in the CPU emulator, computed from the fragment layout above.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-  uint32_t all[32][6];
-  ::ral_emu::warp_allgather(mine, all);
-  const int lane = ::ral_emu::lane_id(), g = lane >> 2, c = lane & 3;
-  for (int e = 0; e < 4; ++e) {
-    const int row = g + 8 * (e >> 1), col = 2 * c + (e & 1);
-    float acc = 0.f;
-    for (int k = 0; k < 16; ++k) {
-      const uint32_t ra = all[(row % 8) * 4 + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)];
-      const uint32_t rb = all[col * 4 + (k % 8) / 2][4 + (k >= 8)];
-      acc += bits_to_float<T>(ra >> (16 * (k & 1))) * bits_to_float<T>(rb >> (16 * (k & 1)));
-    }
-    d[e] += acc;
-  }
+  ::ral_emu::mma_m16n8k16<T>(d, a, b);
 }
 #endif
 
@@ -135,15 +113,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 #else
 template <bool TRANS>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-  const uint64_t mine[1] = {reinterpret_cast<uint64_t>(row)};
-  uint64_t all[32][1];
-  ::ral_emu::warp_allgather(mine, all);
-  const int lane = ::ral_emu::lane_id(), g = lane >> 2, c = lane & 3;
-  for (int i = 0; i < 4; ++i) {
-    auto at = [&](int rr, int col) { return reinterpret_cast<const uint16_t*>(all[8 * i + rr][0])[col]; };
-    const uint16_t lo = TRANS ? at(2 * c, g) : at(g, 2 * c), hi = TRANS ? at(2 * c + 1, g) : at(g, 2 * c + 1);
-    r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
-  }
+  ::ral_emu::ldmatrix_x4<TRANS>(r, row);
 }
 #endif
 
@@ -223,37 +193,12 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 #else
-// Emulated asynchrony: a copy lands only when a wait retires its group, so a kernel that
-// reads a tile before waiting for it reads the 0xFF (NaN) fill and fails its tests.
-namespace emu_async {
-struct Copy {
-  void* dst;
-  const void* src;
-  bool valid;
-};
-inline std::vector<Copy>& open(int t) {
-  static std::vector<Copy> v[kThreads];
-  return v[t];
-}
-inline std::deque<std::vector<Copy>>& groups(int t) {
-  static std::deque<std::vector<Copy>> g[kThreads];
-  return g[t];
-}
-}  // namespace emu_async
-inline void cp_async_16(void* dst, const void* src, bool valid) {
-  emu_async::open(threadIdx.x).push_back({dst, src, valid});
-}
-inline void cp_async_commit() {
-  emu_async::groups(threadIdx.x).push_back(std::move(emu_async::open(threadIdx.x)));
-  emu_async::open(threadIdx.x).clear();
-}
-template <int N> inline void cp_async_wait() {
-  auto& g = emu_async::groups(threadIdx.x);
-  while (g.size() > N) {
-    for (const auto& c : g.front()) c.valid ? (void)memcpy(c.dst, c.src, 16) : (void)memset(c.dst, 0, 16);
-    g.pop_front();
-  }
-}
+// Emulated asynchrony: a copy lands when a wait retires its group (or, under the emulator's
+// perturbed schedules, at once or at any moment before), so a kernel that reads a tile before
+// waiting for it reads the 0xFF (NaN) fill and fails its tests.
+inline void cp_async_16(void* dst, const void* src, bool valid) { ::ral_emu::cp_async_16(dst, src, valid); }
+inline void cp_async_commit() { ::ral_emu::cp_async_commit(); }
+template <int N> inline void cp_async_wait() { ::ral_emu::cp_async_wait(N); }
 #endif
 
 // ------------------------------------------------------------------ shared tiles
@@ -267,6 +212,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int row0, int nr
     const int r = i / kChunks, col = (i % kChunks) * 8;
     uint4 val = {0u, 0u, 0u, 0u};
     if (row0 + r < nrows) val = *reinterpret_cast<const uint4*>(src + int64_t(row0 + r) * HD + col);
+    RAL_SHARED_STORE_POINT();
     *reinterpret_cast<uint4*>(dst + r * (HD + kPad) + col) = val;
   }
 }
@@ -285,14 +231,19 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int row0, 
 // n floats from src[i0..] into shared memory, `fill` past `limit`.
 template <int N>
 __device__ __forceinline__ void load_vec(float* dst, const float* src, int i0, int limit, float fill) {
-  for (int i = threadIdx.x; i < N; i += kThreads) dst[i] = (i0 + i < limit) ? src[i0 + i] : fill;
+  for (int i = threadIdx.x; i < N; i += kThreads) {
+    RAL_SHARED_STORE_POINT();
+    dst[i] = (i0 + i < limit) ? src[i0 + i] : fill;
+  }
 }
 
 // 1 for keys [n0, n0 + N) that exist and pass the key mask, else 0.
 template <int N>
 __device__ __forceinline__ void load_key_ok(uint8_t* dst, const uint8_t* kmask_row, int n0, int Tk) {
-  for (int i = threadIdx.x; i < N; i += kThreads)
+  for (int i = threadIdx.x; i < N; i += kThreads) {
+    RAL_SHARED_STORE_POINT();
     dst[i] = (n0 + i < Tk) && (kmask_row == nullptr || kmask_row[n0 + i] != 0);
+  }
 }
 
 // Start loading key tile n0 (K, and V after it when WITH_V) and its key flags into one

@@ -260,6 +260,8 @@ def _constant(x: torch.Tensor) -> torch.Tensor:
     """An input that gets no gradient: detached, and copied out of inference mode when it
     was made under ``torch.inference_mode()`` (autograd cannot save such a tensor)."""
     x = x.detach()
+    if torch.compiler.is_compiling():  # dynamo cannot trace is_inference(); a traced graph holds no such tensor
+        return x
     return x.clone() if x.is_inference() and not torch.is_inference_mode_enabled() else x
 
 

@@ -158,8 +158,7 @@ def ral_loss(
         keep = mask != 0
         zero = torch.zeros((), dtype=dtype, device=div.device)
         div = torch.where(keep, div, zero)
-        if advantages.dim() == 2:
-            adv = torch.where(keep, adv, zero)
+        adv = torch.where(keep, adv, zero)  # also a [B] advantage: NaN for a fully masked sequence
         masked = adv * div * weights
 
     seq_sum = masked.sum(dim=-1)  # S_b

@@ -26,7 +26,21 @@ def fused_attn_kl_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = OpConfig(causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self, deterministic)
     out, div, stats = _impl(backend).fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, cfg)
-    return tuple(x.contiguous() for x in (out, div, *stats))  # the strides register_fake promises
+    return _fresh((out, div, *stats), (q, k, v, q_old, k_old, lse_old))
+
+
+def _fresh(outputs, inputs) -> tuple:
+    """Contiguous outputs (the strides register_fake promises) that alias neither an input
+    nor each other (a custom op's contract), copying only where a backend shared storage."""
+    seen = {x.untyped_storage().data_ptr() for x in inputs if x is not None and x.numel()}
+    res = []
+    for x in outputs:
+        x = x.contiguous()
+        if x.numel() and x.untyped_storage().data_ptr() in seen:
+            x = x.clone()
+        seen.add(x.untyped_storage().data_ptr())
+        res.append(x)
+    return tuple(res)
 
 
 @fused_attn_kl_fwd.register_fake
@@ -54,7 +68,7 @@ def fused_attn_kl_bwd(
     cfg = OpConfig(causal, sm_scale, old_sm_scale, divergence, head_reduction, exclude_self, deterministic)
     grads = _impl(backend).bwd(dout, ddiv, q, k, v, q_old, k_old, out, div, FwdStats(lse, lse_s, off, off_old, e),
                                key_mask, cfg)
-    return tuple(g.contiguous() for g in grads)  # the strides register_fake promises
+    return _fresh(grads, (dout, ddiv, q, k, v, q_old, k_old, out, div, lse, lse_s, off, off_old, e))
 
 
 @fused_attn_kl_bwd.register_fake

@@ -72,7 +72,7 @@ def _reference(q, k, v, q_old, k_old, causal, sm_scale, old_sm_scale, divergence
     lse = _masked_logsumexp(s, allowed, -1)
     has_key = ~torch.isneginf(lse)
     log_alpha = s - torch.where(has_key, lse, torch.zeros_like(lse))
-    alpha = torch.where(allowed & has_key, torch.exp(log_alpha), torch.zeros_like(log_alpha))
+    alpha = torch.exp(torch.where(allowed & has_key, log_alpha, torch.full_like(log_alpha, _NEG_INF)))
     out = (alpha @ v.to(cdt).repeat_interleave(hq // hk, dim=1)).to(q.dtype)
 
     r0 = tq - n_old  # first row that carries a divergence

@@ -18,6 +18,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("RAL_CUDA_EMULATION", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# CPU-emulator schedules that stand in for a GPU's warps drifting apart (csrc/emu/cuda_emu.h):
+# random thread order, preemption at shared stores, cp.async issue and ldmatrix, and cp.async
+# copies landing at once or at any moment before their wait. Each of them catches every missing
+# release barrier (tests/cuda_emu/test_kernel_checks.py).
+PERTURBED_SCHEDULES = ("random:seed=1,preempt=0.25,landing=issue", "random:seed=2,preempt=0.1,landing=random")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ON_GPU = DEVICE == "cuda"
 
@@ -73,6 +79,21 @@ class Case:
         if self.sharp != 1.0:
             parts.append(f"sharp{self.sharp:g}")
         return "-".join(parts)
+
+
+def mutant_csrc(tmp, file: str, old: str, new: str):
+    """A copy of the repository's csrc/ under ``tmp`` with ``old`` replaced by ``new`` (it must
+    occur exactly once) in ``file``: mutation tests build the kernels or the emulator from it."""
+    import shutil
+
+    from ral_kernels.backends.cuda.build import CSRC
+
+    csrc = tmp / "csrc"
+    shutil.copytree(CSRC, csrc)
+    text = (csrc / file).read_text()
+    assert text.count(old) == 1, f"{old!r} occurs {text.count(old)} times in {file}"
+    (csrc / file).write_text(text.replace(old, new))
+    return csrc
 
 
 def seed_of(text: str) -> int:

@@ -8,13 +8,14 @@ once per machine, which takes a minute or two.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
 import torch
 
-from conftest import (DEVICE, ON_GPU, Case, assert_close, assert_within_plain_error, largest_new_tensor,
-                      make_inputs, op_kwargs, run_op)
+from conftest import (DEVICE, ON_GPU, PERTURBED_SCHEDULES, Case, assert_close, assert_within_plain_error,
+                      largest_new_tensor, make_inputs, op_kwargs, run_op)
 from ral_kernels import BackendUnavailableError, fused_attn_kl, fused_attn_kl_varlen, make_old_policy_cache
 from ral_kernels.backends import unavailable_reason
 from test_fused_attn_kl import CASES, to64, with_lse_old
@@ -51,6 +52,81 @@ def test_matches_reference(case, dtype, poison):
     """Every semantic case of the Triton / torch suites, within 2x (3x for gradients) of
     the dense PyTorch path's error in the same precision (flash-attention's idiom)."""
     check_against_reference(case, dtype, seed=3)
+
+
+@contextlib.contextmanager
+def emulator(schedule: str | None = None, arch: int | None = None):
+    """The CPU emulator, with a schedule or an emulated arch for the duration."""
+    from ral_kernels.backends.cuda import launch
+
+    ext = launch._emulator()
+    previous = (ext.emu_set_schedule(schedule) if schedule is not None else None,
+                ext.emu_set_arch(arch) if arch is not None else None)
+    try:
+        yield ext
+    finally:
+        if previous[0] is not None:
+            ext.emu_set_schedule(previous[0])
+        if previous[1] is not None:
+            ext.emu_set_arch(previous[1])
+
+
+# Cases whose every pipelined loop runs three or more tiles, so both cp.async stages are reused:
+# head dims 64 and 128, head-mean and per-head, cached rows with lse_old.
+MULTI_TILE_CASES = [HEAD_DIM_CASES[0], HEAD_DIM_CASES[1],
+                    Case(b=1, hq=4, hk=2, tq=140, tk=140, d=64, dv=64, ho=2, hko=1, do=48, n_old=70, lse_old=True,
+                         exclude_self=True)]
+
+
+@pytest.mark.skipif(ON_GPU, reason="emulator schedules (the GPU has its own; see benchmarks/gpu_cuda_checks.py)")
+@pytest.mark.parametrize("case", MULTI_TILE_CASES, ids=lambda c: c.id)
+def test_perturbed_schedules_change_no_bit(case, poison):
+    """The emulator under schedules that make warps drift apart as on a GPU (random thread order,
+    preemption at shared stores, cp.async issue and ldmatrix, copies landing at once or at any
+    moment): the kernels have no race, so outputs and gradients are bit-identical to the default
+    schedule's (which test_matches_reference checks against the reference). A missing barrier
+    changes them (tests/cuda_emu/test_kernel_checks.py)."""
+    x = with_lse_old(case, make_inputs(case, torch.float16, seed=5, device=DEVICE))
+    kw = op_kwargs(case)
+    default, up = run_op(cuda_op, x, kw)
+    assert default[1].abs().sum() > 0
+    for schedule in PERTURBED_SCHEDULES:
+        with emulator(schedule=schedule):
+            perturbed, _ = run_op(cuda_op, x, kw, upstream=up)
+        for name, a, b in zip(("out", "div", "dq", "dk", "dv"), default, perturbed):
+            assert torch.equal(a, b), f"{name} differs under {schedule}: max diff {(a - b).abs().max().item():.3e}"
+
+
+@pytest.mark.skipif(ON_GPU, reason="the emulator's per-arch shared-memory limits")
+@pytest.mark.parametrize("arch", [80, 86, 89, 90])
+def test_every_kernel_fits_the_shared_memory_of(arch):
+    """Each kernel instance (head dims 64 and 128; head-mean and per-head; forward and backward)
+    launches within the arch's per-block shared memory (sm_86 / sm_89: 99 KiB)."""
+    with emulator(arch=arch) as ext:
+        assert ext.emu_arch() == arch
+        for d, hr in ((64, "mean"), (128, "none")):
+            case = Case(b=1, hq=2, hk=1, tq=20, tk=20, d=d, dv=d, ho=2, hko=1, do=d, head_reduction=hr)
+            got, _ = run_op(cuda_op, make_inputs(case, torch.bfloat16, seed=1, device=DEVICE), op_kwargs(case))
+            assert all(torch.isfinite(t).all() for t in got)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the emulator's arch")
+def test_emulated_arch_is_the_most_constrained_target(monkeypatch):
+    """Like a launch, the emulator checks the archs the build targets (RAL_CUDA_ARCHS, default
+    80;90): the one with the least shared memory per block."""
+    from ral_kernels.backends.cuda import launch
+
+    monkeypatch.delenv("RAL_EMU_ARCH", raising=False)
+    with emulator() as ext:
+        previous = ext.emu_arch()
+        try:
+            for archs, want in (("80;90", 80), ("90;86", 86), ("90", 90)):
+                monkeypatch.setenv("RAL_CUDA_ARCHS", archs)
+                launch._emulator.cache_clear()
+                assert launch._emulator().emu_arch() == want, archs
+        finally:
+            launch._emulator.cache_clear()
+            ext.emu_set_arch(previous)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -189,6 +189,21 @@ def test_padding_values_never_leak(gen, loss_type):
 
 
 @pytest.mark.parametrize("loss_type", ALL)
+def test_nan_sequence_advantage_on_a_fully_masked_sequence(gen, loss_type):
+    """A ``[B]`` advantage that is NaN for a sequence with no response token (e.g. a group
+    whose rewards are all missing) must not poison the loss or the other gradients."""
+    div, adv, mask = make_batch(gen)  # sequence 2 has no response token
+    expected = reference(div, adv, mask, loss_type)
+    adv = adv.clone()
+    adv[2] = float("nan")
+    div.requires_grad_()
+    out = ral_loss(div, adv, mask, loss_type=loss_type)
+    assert_close(out, expected)
+    out.backward()
+    assert torch.isfinite(div.grad).all()
+
+
+@pytest.mark.parametrize("loss_type", ALL)
 def test_all_empty_mask_is_zero_not_nan(gen, loss_type):
     div, adv, _ = make_batch(gen)
     div.requires_grad_()

@@ -1,7 +1,8 @@
 // cuda_emu.h -- run CUDA kernel source on the CPU, for tests on machines without a GPU.
 //
 // Host-only C++17 with no CUDA headers. Compile the .cu files as C++ (a wrapper .cpp that
-// #includes them) with g++ -DRAL_CPU_EMULATION; this header then supplies the CUDA names below.
+// #includes them) with g++ -DRAL_CPU_EMULATION -fsanitize=alignment; this header then supplies
+// the CUDA names below and checks what a GPU would fault on or get wrong.
 //
 // What is emulated, with CUDA's results
 //   * Launch: ral_emu::launch(kernel, grid, block, dyn_smem_bytes, args...) replaces
@@ -10,41 +11,68 @@
 //     recorded as CUDA records them (cudaGetLastError, cudaGetErrorString, plus the details in
 //     ral_emu::last_error_message()).
 //   * Threads: inside a block every CUDA thread is a cooperative fiber with its own 256 KiB stack
-//     (a guard page below it turns an overflow into SIGSEGV). Fibers switch only inside barriers
-//     and warp collectives, round-robin by linear thread id, starting with thread 0. A warp is
-//     32 consecutive linear thread ids; a partial last warp has only its existing lanes.
+//     (a guard page below it turns an overflow into SIGSEGV). Fibers switch only inside barriers,
+//     warp collectives and preemption points, in the order the schedule gives (below; by
+//     default round-robin by linear thread id, starting with thread 0, with no preemption). A
+//     warp is 32 consecutive linear thread ids; a partial last warp has only its existing lanes.
 //   * Barriers and collectives: __syncthreads(_or/_and/_count), __syncwarp, __shfl_sync,
-//     __shfl_xor_sync and ral_emu::warp_allgather (kernels build mma.sync emulation on it).
-//     Masks must name the whole warp (all its existing lanes). Reading a lane that does not
-//     exist (partial warp) yields 0xFF bytes, i.e. NaN for floats.
+//     __shfl_xor_sync and ral_emu::warp_allgather. Masks must name the whole warp (all its
+//     existing lanes). Reading a lane that does not exist (partial warp) yields 0xFF bytes, i.e.
+//     NaN for floats.
+//   * PTX the kernels reach through inline assembly: mma.sync m16n8k16 (fp16 / bf16, fp32
+//     accumulation) and ldmatrix.x4 (plain and .trans), computed from the PTX fragment layouts;
+//     cp.async 16-byte copies with commit / wait_group, landing at the wait (by default), so a
+//     read of a tile before its wait reads the 0xFF fill.
 //   * Shared memory: __shared__ arrays are function statics (blocks run one at a time, so each
 //     block sees its own; they keep the previous block's values). Dynamic shared memory is
 //     ral_emu::dynamic_smem() (instead of `extern __shared__`): 16-byte aligned and filled with
 //     0xFF bytes at the start of every block, so reading it before writing shows up as NaN.
 //     Dynamic shared memory above 48 KiB needs cudaFuncSetAttribute(kernel,
-//     cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) first (at most 227 KiB, as on H100),
-//     else the launch fails with cudaErrorInvalidValue; static shared memory is not counted.
+//     cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) first, up to the emulated arch's
+//     per-block limit (sm_80/87: 163 KiB, sm_86/89/120: 99 KiB, sm_90/100: 227 KiB; default
+//     sm_80, or RAL_EMU_ARCH, or ral_emu::set_arch), else the launch fails with
+//     cudaErrorInvalidValue; static shared memory is not counted.
 //   * Types and intrinsics: dim3, uint2/uint4/float2/float4/int4 (CUDA's alignment), __half and
 //     __nv_bfloat16 with round-to-nearest-even conversions (NaN becomes CUDA's 0x7fff), bit
 //     casts, __expf/__logf/__fdividef (computed exactly, not with the GPU's approximations),
 //     atomicAdd.
+//
+// Schedules (RAL_EMU_SCHEDULE, read at startup, or ral_emu::set_schedule at any time)
+//   A spec ORDER[:seed=N,preempt=P,landing=L] perturbs the interleaving, as a GPU's warps drift
+//   apart: ORDER is inorder (the default), reverse (linear ids downwards) or random (seeded);
+//   P is the chance that a thread is preempted at each preemption point -- before the stores of
+//   the kernels' shared-tile helpers (ral_emu::preemption_point), at every cp.async issue and
+//   every ldmatrix; L says when cp.async copies land: wait (the latest legal moment), issue (at
+//   once) or random (at any scheduling point before the wait). E.g.
+//   "random:seed=3,preempt=0.25,landing=random". The choices of each block depend only on the
+//   seed, the block and the number of launches since the schedule was set, so a run replays. A
+//   race-free kernel gives bit-identical results under every schedule; one whose barrier is
+//   missing gives different ones under some.
 //
 // GPU bugs that become launch failures (cudaErrorLaunchFailure) instead of hangs or garbage
 //   * deadlock: live threads wait at a barrier that can never complete, because threads of the
 //     block returned before it or wait at another barrier (e.g. __syncwarp vs __syncthreads);
 //   * the threads of one barrier arriving from different collectives (__syncwarp in one lane,
 //     __shfl_sync in another), a partial mask, a shuffle width that is not a power of two <= 32;
+//   * misalignment: an ldmatrix row or a cp.async source or destination not on 16 bytes, and
+//     (with -fsanitize=alignment) any load or store through a pointer misaligned for its type,
+//     e.g. a uint4 not on 16 bytes: a GPU faults or misreads;
+//   * inter-block races (within a ral_emu::GlobalWatch, which the bindings set up for every
+//     launch): a block that changes an input, or a byte of an output that another block of the
+//     launch already changed, unless through atomicAdd. Blocks run at once on a GPU, so either
+//     is a race. A block that writes back the value a byte already holds goes unseen;
 //   * an exception thrown by kernel code.
-//   The failing block is unwound (destructors of the kernel's locals run), the remaining blocks
-//   do not run, and the next launch starts clean.
+//   The failing block is unwound (destructors of the kernel's locals run; a thread stopped at a
+//   misaligned access is dropped without unwinding), the remaining blocks do not run, and the
+//   next launch starts clean. A bad RAL_EMU_SCHEDULE or RAL_EMU_ARCH fails every launch with
+//   cudaErrorInvalidValue, saying why.
 //
 // Not emulated
-//   * The memory model: a write is visible to every thread at once and nothing is reordered, so
-//     a kernel with a race (e.g. a missing barrier) sees one fixed interleaving here and can
-//     pass, then fail on a GPU.
+//   * The memory model: a write is visible to every thread at once and nothing is reordered;
+//     schedules perturb the order of threads, not of one thread's memory operations.
 //   * Independent thread scheduling inside a warp, partial-warp masks, votes, __activemask.
-//   * Asynchronous copies (cp.async, TMA), tensor cores, __constant__, streams, textures,
-//     atomics other than atomicAdd, the `<<< >>>` syntax, dynamic parallelism.
+//   * TMA, wgmma, __constant__, streams, textures, atomics other than atomicAdd, the `<<< >>>`
+//     syntax, dynamic parallelism.
 //   * Collectives called from a catch block or from a destructor during exception unwinding.
 //
 // Context switch: a small x86-64 assembly routine (no system call) on x86-64 ELF; elsewhere,
@@ -69,6 +97,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <new>
@@ -166,6 +196,16 @@ extern "C" __attribute__((visibility("hidden"))) void ral_emu_switch(void** save
 #endif
 
 namespace ral_emu {
+
+// Global memory a launch reads or writes, for the per-launch checks (ral_emu::GlobalWatch).
+struct Region {
+  std::string name;
+  const void* data;
+  std::size_t bytes;
+  std::size_t elem_bytes;  // messages give an element index: byte offset / elem_bytes
+  bool writable;           // an output; else an input that must stay unchanged
+};
+
 namespace detail {
 
 #if RAL_EMU_ASM_SWITCH
@@ -213,7 +253,17 @@ inline void check_no_shadow_stack() {}
 constexpr std::size_t kStackBytes = 256 << 10;
 constexpr unsigned kMaxThreads = 1024;
 constexpr std::size_t kDefaultDynSmem = 48 << 10;
-constexpr int kMaxDynSmemOptin = 227 << 10;
+
+// Dynamic shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin) by
+// compute capability; 0 for an arch the emulator does not know.
+inline int max_dyn_smem_optin(int arch) {
+  switch (arch) {
+    case 80: case 87: return 163 << 10;
+    case 86: case 89: case 120: return 99 << 10;
+    case 90: case 100: return 227 << 10;
+    default: return 0;
+  }
+}
 
 struct Barrier;
 
@@ -231,6 +281,14 @@ struct Barrier {
   void* slot[32] = {};               // warp barrier: each lane's operands
 };
 
+// One 16-byte cp.async copy: it lands (copies, or zero-fills when !valid) exactly once.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+  bool landed;
+};
+
 struct Thread {
   Context ctx;
   const Barrier* waiting = nullptr;  // barrier this thread is blocked on
@@ -239,7 +297,43 @@ struct Thread {
   dim3 idx;
   unsigned linear = 0, lane = 0;
   Barrier* warp = nullptr;
+  std::vector<AsyncCopy> open;                // cp.async copies since the last commit
+  std::deque<std::vector<AsyncCopy>> groups;  // committed groups, oldest first
 };
+
+// The order in which runnable threads take turns, whether a running thread may lose the
+// processor at a preemption point, and when cp.async copies land. The default (in order, no
+// preemption, copies landing at their wait) is deterministic and fast; the others stand in
+// for a GPU, whose warps drift apart and whose copies land whenever the memory system is done.
+struct Schedule {
+  enum Order { kInOrder, kReverse, kRandom } order = kInOrder;
+  std::uint64_t seed = 0;
+  double preempt = 0.0;  // chance of a switch at each preemption point
+  enum Landing { kAtWait, kAtIssue, kAnyTime } landing = kAtWait;
+};
+
+// splitmix64: small, seedable, the same sequence everywhere.
+struct Rng {
+  std::uint64_t state = 0;
+  std::uint64_t next() {
+    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+  unsigned below(std::size_t n) { return static_cast<unsigned>(((next() >> 32) * n) >> 32); }
+};
+
+// A region watched during one launch: its bytes after the last block, and who wrote each byte.
+struct Watched {
+  const Region* region;
+  std::vector<unsigned char> before;
+  std::vector<std::int32_t> owner;    // linear index of the writing block, -1 while unwritten
+  std::vector<unsigned char> atomic;  // 1 where atomicAdd wrote: blocks may share those bytes
+};
+
+inline Schedule parse_schedule(const std::string& spec);
 
 // Thrown into fibers of a failed block so that they unwind; never escapes fiber_main.
 struct Cancelled {};
@@ -260,12 +354,41 @@ struct Sched {
   unsigned exited = 0;
   bool cancel = false;                       // the block failed: unwind every fiber
   std::string failure;
+  Schedule schedule;
+  Rng rng;                                   // reseeded per block: seed, launch, block index
+  std::uint64_t launches = 0;                // since the schedule was set
+  std::size_t pending_copies = 0;            // cp.async copies issued and not landed
+  int arch = 80;                             // compute capability whose limits apply
+  std::string schedule_error, arch_error;    // a bad RAL_EMU_SCHEDULE / RAL_EMU_ARCH
+  std::vector<Watched> watched;              // global memory checked by the running launch
+
+  Sched() { configure_from_environment(); }
 
   ~Sched() {
     for (char* s : stacks) munmap(s - page_size(), kStackBytes + page_size());
   }
   static std::size_t page_size() { return static_cast<std::size_t>(sysconf(_SC_PAGESIZE)); }
+
+  // RAL_EMU_SCHEDULE and RAL_EMU_ARCH, read once when the program (or extension) starts; a bad
+  // value fails every launch until ral_emu::set_schedule / set_arch replace it.
+  void configure_from_environment() {
+    try {
+      if (const char* spec = std::getenv("RAL_EMU_SCHEDULE")) schedule = parse_schedule(spec);
+    } catch (const std::exception& e) {
+      schedule_error = std::string("RAL_EMU_SCHEDULE: ") + e.what();
+    }
+    if (const char* a = std::getenv("RAL_EMU_ARCH")) {
+      char* end = nullptr;
+      const long v = std::strtol(a, &end, 10);
+      if (end == a || *end != '\0' || max_dyn_smem_optin(static_cast<int>(v)) == 0)
+        arch_error = std::string("RAL_EMU_ARCH=") + a + ": expected one of 80, 86, 87, 89, 90, 100, 120";
+      else
+        arch = static_cast<int>(v);
+    }
+  }
 };
+
+inline thread_local std::vector<Region> watch_list;  // set by GlobalWatch on this host thread
 
 inline Sched sched;
 
@@ -319,14 +442,44 @@ inline bool runnable(const Thread& t) {
   return !t.exited && (t.waiting == nullptr || t.waiting->gen != t.wait_gen);
 }
 
+// The thread to run instead of `me` (blocked, exited or preempted): the next linear id up (in
+// order), down (reverse), or the first runnable one from a random id; nullptr when none can run.
 inline Thread* next_runnable(const Thread& me) {
   const std::size_t n = sched.threads.size();
-  std::size_t i = me.linear;
-  for (std::size_t k = 1; k < n; ++k) {
-    if (++i == n) i = 0;
-    if (runnable(sched.threads[i])) return &sched.threads[i];
+  const Schedule::Order order = sched.schedule.order;
+  std::size_t i = order == Schedule::kRandom ? sched.rng.below(n) : me.linear;
+  for (std::size_t k = 0; k < n; ++k) {
+    if (order == Schedule::kReverse)
+      i = (i == 0 ? n : i) - 1;
+    else if (order == Schedule::kInOrder || k > 0)
+      i = i + 1 == n ? 0 : i + 1;
+    if (i != me.linear && runnable(sched.threads[i])) return &sched.threads[i];
   }
   return nullptr;
+}
+
+inline void land(AsyncCopy& c) {
+  if (c.landed) return;
+  if (c.valid)
+    std::memcpy(c.dst, c.src, 16);
+  else
+    std::memset(c.dst, 0, 16);
+  c.landed = true;
+  --sched.pending_copies;
+}
+
+// landing=random: at a quarter of the scheduling points, each copy in flight (of any thread,
+// committed or not) lands with probability 1/2.
+inline void land_some() {
+  if (sched.schedule.landing != Schedule::kAnyTime || sched.pending_copies == 0 || (sched.rng.next() & 3) != 0)
+    return;
+  for (Thread& t : sched.threads) {
+    for (AsyncCopy& c : t.open)
+      if (sched.rng.next() & 1) land(c);
+    for (std::vector<AsyncCopy>& g : t.groups)
+      for (AsyncCopy& c : g)
+        if (sched.rng.next() & 1) land(c);
+  }
 }
 
 // Leaves `me` (blocked or exited) for the next runnable thread, or for launch() when the block
@@ -359,7 +512,11 @@ inline void schedule(Thread& me) {
 // Arrives at `b` for collective `c` and returns once every participant has arrived; the last
 // one to arrive runs c.finish, so results are in place before anyone continues.
 inline void sync(Barrier& b, const Collective& c) {
-  if (sched.cancel) return;  // only from destructors while a failed block unwinds
+  if (sched.cancel) {
+    if (std::uncaught_exceptions() == 0) throw Cancelled{};  // the block failed while this thread ran on
+    return;  // from a destructor while a failed block unwinds
+  }
+  land_some();
   Thread& me = *sched.cur;
   if (b.arrived == 0) {
     b.kind = &c;
@@ -378,6 +535,24 @@ inline void sync(Barrier& b, const Collective& c) {
   b.arrived = 0;
   ++b.gen;
   c.finish(b);
+}
+
+// A point where a running thread may lose the processor, as a GPU warp may at any instruction:
+// under a schedule with preempt > 0, with that chance, another runnable thread runs first.
+inline void preempt_here() {
+  Thread* me = sched.cur;
+  if (me == nullptr) return;
+  if (sched.cancel) {
+    if (std::uncaught_exceptions() == 0) throw Cancelled{};  // the block failed while this thread ran on
+    return;
+  }
+  land_some();
+  if (!(sched.schedule.preempt > 0.0) || sched.rng.uniform() >= sched.schedule.preempt) return;
+  Thread* next = next_runnable(*me);
+  if (next == nullptr) return;
+  sched.cur = next;
+  switch_context(me->ctx, next->ctx);
+  if (sched.cancel) throw Cancelled{};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -545,7 +720,7 @@ inline void reset_barrier(Barrier& b) {
 }
 
 // Runs one block to completion; throws std::runtime_error if it failed or deadlocked.
-inline void run_block(dim3 block_idx) {
+inline void run_block(dim3 block_idx, std::uint64_t linear_block) {
   sched.block_idx = block_idx;
   std::memset(static_cast<void*>(sched.smem.data()), 0xFF, sched.smem.size() * sizeof(float4));
   reset_barrier(sched.block_bar);
@@ -554,12 +729,21 @@ inline void run_block(dim3 block_idx) {
     Thread& t = sched.threads[i];
     t.waiting = nullptr;
     t.exited = false;
+    t.open.clear();
+    t.groups.clear();
     make_context(t.ctx, sched.stacks[i], kStackBytes - stack_color(i), &fiber_main);
   }
   sched.exited = 0;
   sched.cancel = false;
-  sched.cur = &sched.threads[0];
-  switch_context(sched.main_ctx, sched.threads[0].ctx);
+  sched.pending_copies = 0;
+  // Each block's choices depend only on the seed, the launch and the block: a failure replays.
+  sched.rng.state = sched.schedule.seed ^ (sched.launches << 40) ^ linear_block;
+  sched.rng.state = sched.rng.next();
+  const std::size_t n = sched.threads.size();
+  const Schedule::Order order = sched.schedule.order;
+  Thread& first = sched.threads[order == Schedule::kInOrder ? 0 : order == Schedule::kReverse ? n - 1 : sched.rng.below(n)];
+  sched.cur = &first;
+  switch_context(sched.main_ctx, first.ctx);
   if (!sched.cancel) return;
   for (Thread& t : sched.threads) {  // unwind every fiber that has not exited
     if (t.exited) continue;
@@ -569,27 +753,111 @@ inline void run_block(dim3 block_idx) {
   throw std::runtime_error(sched.failure);
 }
 
+inline std::string arch_name(int arch) { return "sm_" + std::to_string(arch); }
+
+// ---------------------------------------------------------------------------------------------
+// Global memory checks: the blocks of a launch run one after another here, at once on a GPU
+
+inline dim3 block_of(std::int64_t linear) {
+  const std::int64_t gx = sched.grid.x, gy = sched.grid.y;
+  return dim3(static_cast<unsigned>(linear % gx), static_cast<unsigned>(linear / gx % gy),
+              static_cast<unsigned>(linear / (gx * gy)));
+}
+
+inline std::string byte_of(const Region& r, std::size_t i) {
+  std::string at = "byte " + std::to_string(i) + " of " + r.name;
+  if (r.elem_bytes > 1) at += " (element " + std::to_string(i / r.elem_bytes) + ")";
+  return at;
+}
+
+inline void watch_launch() {
+  sched.watched.clear();
+  for (const Region& r : watch_list) {
+    if (r.data == nullptr || r.bytes == 0) continue;
+    const auto* bytes = static_cast<const unsigned char*>(r.data);
+    sched.watched.push_back(Watched{&r, std::vector<unsigned char>(bytes, bytes + r.bytes),
+                                    std::vector<std::int32_t>(r.writable ? r.bytes : 0, -1),
+                                    std::vector<unsigned char>(r.writable ? r.bytes : 0, 0)});
+  }
+}
+
+// Compares the watched memory with what it held before this block ran: a changed byte of an
+// input, or of an output that another block already changed (other than through atomicAdd),
+// is a race (or a stray write) that a GPU would turn into wrong or nondeterministic results.
+// A block that writes back the value a byte already holds goes unseen.
+inline std::string check_block_writes(std::int64_t linear_block) {
+  for (Watched& w : sched.watched) {
+    const Region& r = *w.region;
+    const auto* now = static_cast<const unsigned char*>(r.data);
+    for (std::size_t i0 = 0; i0 < r.bytes; i0 += 64) {
+      const std::size_t n = std::min<std::size_t>(64, r.bytes - i0);
+      if (std::memcmp(now + i0, w.before.data() + i0, n) == 0) continue;
+      for (std::size_t i = i0; i < i0 + n; ++i) {
+        if (now[i] == w.before[i]) continue;
+        w.before[i] = now[i];
+        if (!r.writable)
+          return "ral_emu: block " + str(block_of(linear_block)) + " wrote " + byte_of(r, i) +
+                 ", an input of this launch";
+        if (w.owner[i] == -1 || w.owner[i] == linear_block || w.atomic[i]) {
+          w.owner[i] = static_cast<std::int32_t>(linear_block);
+          continue;
+        }
+        return "ral_emu: blocks " + str(block_of(w.owner[i])) + " and " + str(block_of(linear_block)) + " both wrote " +
+               byte_of(r, i) + " in one launch; blocks run concurrently on a GPU, so an address needs one owning "
+               "block or atomics";
+      }
+    }
+  }
+  return "";
+}
+
+// atomicAdd marks its bytes: blocks may share them.
+inline void note_atomic(const void* address, std::size_t bytes) {
+  const auto* a = static_cast<const unsigned char*>(address);
+  for (Watched& w : sched.watched) {
+    const auto* base = static_cast<const unsigned char*>(w.region->data);
+    if (!w.region->writable || a < base || a + bytes > base + w.region->bytes) continue;
+    std::fill_n(w.atomic.begin() + (a - base), bytes, static_cast<unsigned char>(1));
+  }
+}
+
 inline void run_grid(void (*kernel)(const void*), const void* args, const void* key, dim3 grid,
                      dim3 block, std::size_t dyn_smem) {
   if (in_launch) throw std::runtime_error("ral_emu: launching a kernel from a kernel is not supported");
   const std::string bad_config = config_error(grid, block);
   if (!bad_config.empty()) return set_error(cudaErrorInvalidConfiguration, "ral_emu: " + bad_config);
   std::lock_guard<std::mutex> lock(sched.mutex);
+  for (const std::string* e : {&sched.schedule_error, &sched.arch_error})
+    if (!e->empty()) return set_error(cudaErrorInvalidValue, "ral_emu: " + *e);
   if (dyn_smem > dyn_smem_limit(key)) {
     return set_error(cudaErrorInvalidValue,
                      "ral_emu: " + std::to_string(dyn_smem) + " bytes of dynamic shared memory exceed "
                      "the kernel's limit of " + std::to_string(dyn_smem_limit(key)) +
                      " (raise it with cudaFuncSetAttribute)");
   }
+  const std::size_t arch_limit = static_cast<std::size_t>(max_dyn_smem_optin(sched.arch));
+  if (dyn_smem > arch_limit) {
+    return set_error(cudaErrorInvalidValue, "ral_emu: " + std::to_string(dyn_smem) +
+                                                " bytes of dynamic shared memory exceed " + arch_name(sched.arch) +
+                                                "'s " + std::to_string(arch_limit) + " per block");
+  }
   in_launch = true;
   try {
     setup(kernel, args, grid, block, dyn_smem);
+    watch_launch();
+    std::int64_t linear = 0;
     for (unsigned z = 0; z < grid.z; ++z)
       for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) run_block(dim3(x, y, z));
+        for (unsigned x = 0; x < grid.x; ++x, ++linear) {
+          run_block(dim3(x, y, z), static_cast<std::uint64_t>(linear));
+          const std::string race = check_block_writes(linear);
+          if (!race.empty()) throw std::runtime_error(race);
+        }
   } catch (const std::exception& e) {
     set_error(cudaErrorLaunchFailure, e.what());
   }
+  sched.watched.clear();
+  ++sched.launches;
   sched.cur = nullptr;
   in_launch = false;
 }
@@ -601,12 +869,14 @@ void invoke(const void* call) {
 }
 
 inline cudaError_t set_func_attribute(const void* kernel, int attr, int value) {
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > kMaxDynSmemOptin) {
-    set_error(cudaErrorInvalidValue, "ral_emu: unsupported cudaFuncSetAttribute(" +
-                                         std::to_string(attr) + ", " + std::to_string(value) + ")");
+  std::lock_guard<std::mutex> lock(sched.mutex);
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > max_dyn_smem_optin(sched.arch)) {
+    set_error(cudaErrorInvalidValue, "ral_emu: unsupported cudaFuncSetAttribute(" + std::to_string(attr) + ", " +
+                                         std::to_string(value) + ") on " + arch_name(sched.arch) + " (at most " +
+                                         std::to_string(max_dyn_smem_optin(sched.arch)) +
+                                         " bytes of dynamic shared memory per block)");
     return cudaErrorInvalidValue;
   }
-  std::lock_guard<std::mutex> lock(sched.mutex);
   sched.max_dyn_smem[kernel] = value;
   return cudaSuccess;
 }
@@ -659,6 +929,68 @@ inline unsigned short float_to_bf16(float f) {
   return static_cast<unsigned short>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
+inline const char* order_name(Schedule::Order o) {
+  return o == Schedule::kInOrder ? "inorder" : o == Schedule::kReverse ? "reverse" : "random";
+}
+
+inline const char* landing_name(Schedule::Landing l) {
+  return l == Schedule::kAtWait ? "wait" : l == Schedule::kAtIssue ? "issue" : "random";
+}
+
+inline std::string format_schedule(const Schedule& s) {
+  char preempt[32];
+  std::snprintf(preempt, sizeof preempt, "%g", s.preempt);
+  return std::string(order_name(s.order)) + ":seed=" + std::to_string(s.seed) + ",preempt=" + preempt +
+         ",landing=" + landing_name(s.landing);
+}
+
+inline Schedule parse_schedule(const std::string& spec) {
+  auto bad = [&](const std::string& why) {
+    return std::invalid_argument("bad schedule \"" + spec + "\": " + why +
+                                 "; expected ORDER[:seed=N,preempt=P,landing=L] with ORDER inorder, reverse or "
+                                 "random, 0 <= P <= 1, L wait, issue or random");
+  };
+  Schedule s;
+  const std::size_t colon = spec.find(':');
+  const std::string order = spec.substr(0, colon);
+  if (order == "inorder" || order.empty()) {
+    s.order = Schedule::kInOrder;
+  } else if (order == "reverse") {
+    s.order = Schedule::kReverse;
+  } else if (order == "random") {
+    s.order = Schedule::kRandom;
+  } else {
+    throw bad("unknown order \"" + order + "\"");
+  }
+  if (colon == std::string::npos) return s;
+  std::size_t pos = colon + 1;
+  while (pos <= spec.size()) {
+    const std::size_t comma = std::min(spec.find(',', pos), spec.size());
+    const std::string item = spec.substr(pos, comma - pos);
+    pos = comma + 1;
+    const std::size_t eq = item.find('=');
+    if (eq == std::string::npos) throw bad("\"" + item + "\" is not key=value");
+    const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
+    char* end = nullptr;
+    if (key == "seed") {
+      s.seed = std::strtoull(value.c_str(), &end, 10);
+      if (value.empty() || *end != '\0' || value[0] == '-') throw bad("seed must be a non-negative integer");
+    } else if (key == "preempt") {
+      s.preempt = std::strtod(value.c_str(), &end);
+      if (value.empty() || *end != '\0' || !(s.preempt >= 0.0 && s.preempt <= 1.0))
+        throw bad("preempt must be a number in [0, 1]");
+    } else if (key == "landing") {
+      if (value == "wait") s.landing = Schedule::kAtWait;
+      else if (value == "issue") s.landing = Schedule::kAtIssue;
+      else if (value == "random") s.landing = Schedule::kAnyTime;
+      else throw bad("unknown landing \"" + value + "\"");
+    } else {
+      throw bad("unknown key \"" + key + "\"");
+    }
+  }
+  return s;
+}
+
 }  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
@@ -700,6 +1032,156 @@ inline const dim3& thread_idx() { return detail::sched.cur->idx; }
 inline const dim3& block_idx() { return detail::sched.block_idx; }
 inline const dim3& block_dim() { return detail::sched.block; }
 inline const dim3& grid_dim() { return detail::sched.grid; }
+
+// The schedule of later launches, from a spec (see the top of this file); returns the previous
+// schedule's spec. Throws std::invalid_argument for a bad spec.
+inline std::string set_schedule(const std::string& spec) {
+  const detail::Schedule s = detail::parse_schedule(spec);
+  std::lock_guard<std::mutex> lock(detail::sched.mutex);
+  std::string previous = detail::format_schedule(detail::sched.schedule);
+  detail::sched.schedule = s;
+  detail::sched.launches = 0;
+  detail::sched.schedule_error.clear();
+  return previous;
+}
+
+inline std::string schedule() {
+  std::lock_guard<std::mutex> lock(detail::sched.mutex);
+  return detail::format_schedule(detail::sched.schedule);
+}
+
+// Dynamic shared memory a block may use on compute capability `sm` (0 if unknown).
+inline int max_dyn_smem_per_block(int sm) { return detail::max_dyn_smem_optin(sm); }
+
+// The compute capability whose limits later launches check; returns the previous one.
+// Throws std::invalid_argument for an arch the emulator does not know.
+inline int set_arch(int sm) {
+  if (detail::max_dyn_smem_optin(sm) == 0)
+    throw std::invalid_argument("unknown compute capability " + std::to_string(sm) +
+                                ": expected one of 80, 86, 87, 89, 90, 100, 120");
+  std::lock_guard<std::mutex> lock(detail::sched.mutex);
+  const int previous = detail::sched.arch;
+  detail::sched.arch = sm;
+  detail::sched.arch_error.clear();
+  return previous;
+}
+
+inline int arch() {
+  std::lock_guard<std::mutex> lock(detail::sched.mutex);
+  return detail::sched.arch;
+}
+
+// While it lives, every launch from this host thread checks the given global memory: inputs
+// stay unchanged, and each byte of an output is written by one block (or through atomicAdd).
+class GlobalWatch {
+ public:
+  explicit GlobalWatch(std::vector<Region> regions) : saved_(std::move(detail::watch_list)) {
+    detail::watch_list = std::move(regions);
+  }
+  ~GlobalWatch() { detail::watch_list = std::move(saved_); }
+  GlobalWatch(const GlobalWatch&) = delete;
+  GlobalWatch& operator=(const GlobalWatch&) = delete;
+
+ private:
+  std::vector<Region> saved_;
+};
+
+// Where a thread may be preempted under a perturbed schedule; kernels' helpers call it before
+// shared-memory stores (ldmatrix and cp.async are preemption points themselves).
+inline void preemption_point() { detail::preempt_here(); }
+
+// ---------------------------------------------------------------------------------------------
+// PTX instructions that CUDA code reaches through inline assembly
+
+// mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32 (T = __half or __nv_bfloat16): d += a b for the
+// warp's 16x16 A and 16x8 B, computed from the PTX fragment layout (g = lane / 4, c = lane % 4):
+// A regs: A[g][2c..], A[g+8][2c..], A[g][2c+8..], A[g+8][2c+8..]; B regs: B[2c..][g],
+// B[2c+8..][g]; D: D[g][2c], D[g][2c+1], D[g+8][2c], D[g+8][2c+1]. Products of 16-bit values are
+// exact in fp32; each output sums its 16 products in k order, then adds them to d.
+template <class T>
+void mma_m16n8k16(float (&d)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2]) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "mma takes fp16 or bf16");
+  auto value = [](std::uint32_t reg, int k) {
+    const auto bits16 = static_cast<unsigned short>(reg >> (16 * (k & 1)));
+    if constexpr (std::is_same_v<T, __half>) return detail::half_to_float(bits16);
+    return detail::from_bits(static_cast<std::uint32_t>(bits16) << 16);
+  };
+  const std::uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  std::uint32_t all[32][6];
+  warp_allgather(mine, all);
+  const int lane = lane_id(), g = lane >> 2, c = lane & 3;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * c + (e & 1);
+    float acc = 0.f;
+    for (int k = 0; k < 16; ++k) {
+      const std::uint32_t ra = all[(row % 8) * 4 + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)];
+      const std::uint32_t rb = all[col * 4 + (k % 8) / 2][4 + (k >= 8)];
+      acc += value(ra, k) * value(rb, k);
+    }
+    d[e] += acc;
+  }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: lanes 8i..8i+7 give the 16-byte aligned
+// row addresses of 8x8 matrix i; each lane receives one register per matrix: row lane / 4,
+// elements 2 (lane % 4) and + 1 (low half first) -- or, with .trans, column lane / 4 at rows
+// 2 (lane % 4) and + 1. A fragment read, so a preemption point.
+template <bool TRANS>
+void ldmatrix_x4(std::uint32_t (&r)[4], const void* row) {
+  detail::preempt_here();
+  const auto address = reinterpret_cast<std::uintptr_t>(row);
+  if (address % 16 != 0) {
+    char hex[32];
+    std::snprintf(hex, sizeof hex, "0x%llx", static_cast<unsigned long long>(address));
+    throw std::runtime_error(std::string("ldmatrix row address ") + hex +
+                             " is not 16-byte aligned (a GPU faults or reads the wrong rows)");
+  }
+  const std::uint64_t mine[1] = {address};
+  std::uint64_t all[32][1];
+  warp_allgather(mine, all);
+  const int lane = lane_id(), g = lane >> 2, c = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    auto at = [&](int rr, int col) { return reinterpret_cast<const std::uint16_t*>(all[8 * i + rr][0])[col]; };
+    const std::uint16_t lo = TRANS ? at(2 * c, g) : at(g, 2 * c), hi = TRANS ? at(2 * c + 1, g) : at(g, 2 * c + 1);
+    r[i] = std::uint32_t(lo) | (std::uint32_t(hi) << 16);
+  }
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, (valid ? 16 : 0): starts a 16-byte copy (zero
+// fill when !valid); both addresses 16-byte aligned. The copy lands when cp_async_wait retires
+// its group, or, under a perturbed schedule, at once (landing=issue) or at any moment up to
+// that wait (landing=random). A read of the destination before the wait sees the 0xFF fill.
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  detail::preempt_here();
+  const auto d = reinterpret_cast<std::uintptr_t>(dst), s = reinterpret_cast<std::uintptr_t>(src);
+  if (d % 16 != 0 || (valid && s % 16 != 0)) {
+    char hex[80];
+    std::snprintf(hex, sizeof hex, "from 0x%llx to 0x%llx", static_cast<unsigned long long>(s),
+                  static_cast<unsigned long long>(d));
+    throw std::runtime_error(std::string("cp.async 16-byte copy ") + hex +
+                             " is not 16-byte aligned (a GPU faults)");
+  }
+  detail::Thread& me = *detail::sched.cur;
+  me.open.push_back(detail::AsyncCopy{dst, src, valid, false});
+  ++detail::sched.pending_copies;
+  if (detail::sched.schedule.landing == detail::Schedule::kAtIssue) detail::land(me.open.back());
+}
+
+// cp.async.commit_group: this thread's copies since the last commit become one group.
+inline void cp_async_commit() {
+  detail::Thread& me = *detail::sched.cur;
+  me.groups.push_back(std::move(me.open));
+  me.open.clear();
+}
+
+// cp.async.wait_group n: every group but the n most recent of this thread has landed.
+inline void cp_async_wait(int n) {
+  detail::Thread& me = *detail::sched.cur;
+  while (me.groups.size() > static_cast<std::size_t>(n)) {
+    for (detail::AsyncCopy& c : me.groups.front()) detail::land(c);
+    me.groups.pop_front();
+  }
+}
 
 }  // namespace ral_emu
 
@@ -781,10 +1263,75 @@ inline float __bfloat162float(__nv_bfloat16 b) {
   return ral_emu::detail::from_bits(static_cast<std::uint32_t>(b.__x) << 16);
 }
 
-// Fibers are cooperative, so a plain read-modify-write is atomic.
+// Fibers are cooperative, so a plain read-modify-write is atomic. Blocks may share the bytes
+// it writes (the per-launch write-ownership check lets them).
 template <class T, class U>
 T atomicAdd(T* address, U val) {
+  ral_emu::detail::note_atomic(address, sizeof(T));
   const T old = *address;
   *address = old + static_cast<T>(val);
   return old;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misaligned loads and stores (the emulator builds with -fsanitize=alignment)
+//
+// The instrumented code calls these UBSan entry points for a load or store through a pointer
+// not aligned for its type (a uint4 not on 16 bytes, a float not on 4): an access a GPU faults
+// on or silently misreads, and x86 mostly does not notice. Defined here (weak, so that every
+// translation unit may carry them), they need no UBSan runtime. Inside a kernel the launch fails
+// and the thread stops on the spot: the access never runs (an aligned SSE move would fault) and
+// the thread's stack is dropped without unwinding. Host code is left alone (with
+// -fno-sanitize-recover, which must not return, it aborts). `data` is UBSan's TypeMismatchData.
+namespace ral_emu {
+namespace detail {
+
+struct UbsanLocation {
+  const char* file;
+  std::uint32_t line, column;
+};
+struct UbsanType {
+  std::uint16_t kind, info;
+  char name[1];
+};
+struct UbsanTypeMismatch {
+  UbsanLocation loc;
+  const UbsanType* type;
+  unsigned char log_alignment, check_kind;
+};
+
+inline std::string misaligned_message(void* data, void* pointer) {
+  const auto& d = *static_cast<const UbsanTypeMismatch*>(data);
+  static const char* const kKinds[] = {"load of", "store to", "reference to", "member access in",
+                                       "member call on", "constructor call on", "downcast of", "downcast of",
+                                       "upcast of", "cast of", "binding of", "dynamic operation on"};
+  const char* kind = d.check_kind < sizeof kKinds / sizeof kKinds[0] ? kKinds[d.check_kind] : "access to";
+  char text[96];
+  std::snprintf(text, sizeof text, " at 0x%llx (needs %u-byte alignment)",
+                static_cast<unsigned long long>(reinterpret_cast<std::uintptr_t>(pointer)), 1u << d.log_alignment);
+  return "ral_emu: misaligned " + std::string(kind) + " " + d.type->name + text + ", " + d.loc.file + ":" +
+         std::to_string(d.loc.line);
+}
+
+// In a kernel: fail the launch and leave this fiber for good. Returns only for host code.
+inline void misaligned_access(void* data, void* pointer) {
+  if (!in_launch || sched.cur == nullptr) return;
+  Thread& me = *sched.cur;
+  fail(misaligned_message(data, pointer) + ", in " + where(me) + ": a GPU faults or misreads such an access");
+  me.exited = true;  // never resumed, never unwound
+  ++sched.exited;
+  schedule(me);
+  std::abort();
+}
+
+}  // namespace detail
+}  // namespace ral_emu
+
+extern "C" __attribute__((weak)) void __ubsan_handle_type_mismatch_v1(void* data, void* pointer) {
+  ral_emu::detail::misaligned_access(data, pointer);
+}
+extern "C" __attribute__((weak, noreturn)) void __ubsan_handle_type_mismatch_v1_abort(void* data, void* pointer) {
+  ral_emu::detail::misaligned_access(data, pointer);
+  std::fprintf(stderr, "%s\n", ral_emu::detail::misaligned_message(data, pointer).c_str());
+  std::abort();
 }

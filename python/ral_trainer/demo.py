@@ -27,6 +27,8 @@ import warnings
 
 import torch
 
+from ral_kernels.tools.version import add_version_option
+
 METHODS = {
     "grpo": dict(style="think", ral_coef=0.0),
     "ral": dict(style="think", ral_coef=1.0),
@@ -37,6 +39,7 @@ METHODS = {
 def _parse(argv=None):
     ap = argparse.ArgumentParser(prog="ral-train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_option(ap)
     ap.add_argument("--out", default="ral_train_report", help="report folder (created)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 24 steps: about a minute on a 2-core CPU")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, --quick 1)")
@@ -44,7 +47,8 @@ def _parse(argv=None):
     ap.add_argument("--methods", default="grpo,ral,ral_zero", help="comma-separated subset of grpo,ral,ral_zero")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (unchanged code path)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--lam", type=float, default=1.0, help="λ, weight of the RAL term")
+    ap.add_argument("--ral-coef", type=float, default=1.0, help="λ, weight of the RAL term")
+    ap.add_argument("--lam", type=float, default=None, help=argparse.SUPPRESS)  # deprecated name of --ral-coef
     ap.add_argument("--divergence", default="jsd", choices=["jsd", "kl", "reverse_kl"])
     ap.add_argument("--prompts", type=int, default=8, help="prompts per rollout step")
     ap.add_argument("--generations", type=int, default=8, help="G, samples per prompt")
@@ -60,6 +64,10 @@ def _parse(argv=None):
                     help="builtin: the RALTrainer comparison above (default); trl: RAL inside TRL's GRPOTrainer "
                          "(ral_trainer.adapters.trl) on a tiny text model and a copy-the-marked-word task")
     a = ap.parse_args(argv)
+    if a.lam is not None:
+        warnings.warn("--lam is deprecated and will be removed in the next release; use --ral-coef",
+                      DeprecationWarning, stacklevel=2)
+        a.ral_coef = a.lam
     a.seeds = a.seeds or (1 if a.quick else 3)
     a.steps = a.steps or (24 if a.quick else 60)
     a.eval_every = a.eval_every or (8 if a.quick else 10)
@@ -82,7 +90,7 @@ def run_one(method: str, seed: int, args, eval_problems_seed: int = 12345) -> di
     # steps); 0.1 starts learning within ~20 RL steps.
     model = tiny_model("qwen2_5_vl", vocab_size=len(WORDS), hidden_size=64, num_layers=2, seed=seed,
                        initializer_range=0.1)
-    cfg = TrainConfig(ral_coef=args.lam * spec["ral_coef"], divergence=args.divergence, seed=seed,
+    cfg = TrainConfig(ral_coef=args.ral_coef * spec["ral_coef"], divergence=args.divergence, seed=seed,
                       prompts_per_step=args.prompts, num_generations=args.generations, lr=args.lr,
                       num_iterations=2, num_minibatches=2, dtype=args.dtype,
                       max_completion_length=4 if spec["style"] == "think" else 2,
@@ -197,7 +205,7 @@ def write_report(runs: list[dict], args, out: str, wall: float) -> str:
         "",
         f"Tiny random Qwen2.5-VL ({args.device}, {args.dtype}), {args.steps} rollout steps x "
         f"{args.prompts} prompts x G={args.generations}, 4 optimizer steps per rollout batch, "
-        f"λ={args.lam} ({args.divergence}), seeds {sorted({r['seed'] for r in runs})}; "
+        f"λ={args.ral_coef} ({args.divergence}), seeds {sorted({r['seed'] for r in runs})}; "
         f"eval: greedy accuracy on {args.eval_size} held-out images (chance 0.25). Wall time {wall:.0f} s.",
         "",
         f"| method | final accuracy | best accuracy | steps to {args.target_acc:.2f} | attention mass on target "
@@ -258,7 +266,7 @@ def _main_trl(args) -> int:
 
     t0 = time.perf_counter()
     steps = args.steps if args.steps else (16 if args.quick else 60)
-    res = run_trl_demo(args.out, quick=args.quick, seed=0, attention_coef=args.lam, max_steps=steps)
+    res = run_trl_demo(args.out, quick=args.quick, seed=0, ral_coef=args.ral_coef, max_steps=steps)
     nz = [x for x in res["attention_loss"] if x != 0.0]
     print(f"[ral-train] trl: {len(res['attention_loss'])} logged steps, non-zero attention loss on {len(nz)} "
           f"(max |ral/attention_loss| {max((abs(x) for x in nz), default=0.0):.3g}, max ral/attention_div "

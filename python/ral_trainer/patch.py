@@ -48,198 +48,15 @@ from typing import Optional, Sequence
 import torch
 
 import ral_kernels
-from ral_kernels.varlen import left_padded_index
 
-from .models import decoder_layers, model_type
+from .layout import causal_mask, layout_from
+from .models import check_patchable_layer, decoder_layers, model_type, unwrap_model
+from .policy import OFFLOAD_TARGETS, LayerCapture, OldPolicy, PatchError
 
 ATTN_NAME = "ral_fused"
 
 __all__ = ["ATTN_NAME", "RALPatch", "patch_model", "unpatch_model", "OldPolicy", "LayerCapture",
            "CaptureContext", "UpdateContext", "PatchError"]
-
-
-class PatchError(ValueError):
-    """Bad use of a patched model: the message says what was expected."""
-
-
-# --------------------------------------------------------------------------- captured policy
-
-@dataclasses.dataclass
-class LayerCapture:
-    """One layer's old policy (or teacher) for a batch: the kernel cache plus what is
-    needed to check that the update pass sees the same tokens."""
-
-    cache: ral_kernels.OldPolicyCache  # q_old [B, Ho, R, Do], k_old [B, Hko, T, Do], lse_old [B, Ho, R]?
-    sm_scale: float
-    key_mask: Optional[torch.Tensor]  # [B, T] bool, None = no padding
-    num_tokens: int  # T of the (padded) layout
-
-    def select(self, idx: torch.Tensor) -> "LayerCapture":
-        c = self.cache
-        lse = None if c.lse_old is None else c.lse_old[idx]
-        km = None if self.key_mask is None else self.key_mask[idx]
-        return LayerCapture(ral_kernels.OldPolicyCache(c.q_old[idx], c.k_old[idx], lse), self.sm_scale, km,
-                            self.num_tokens)
-
-    def nbytes(self) -> int:
-        c = self.cache
-        return sum(t.numel() * t.element_size() for t in (c.q_old, c.k_old, c.lse_old) if t is not None)
-
-
-@dataclasses.dataclass
-class OldPolicy:
-    """The captured old policy (or teacher) of a batch: one :class:`LayerCapture` per
-    patched layer, keyed by that model's decoder-layer index."""
-
-    layers: dict
-    model_type: str = ""
-
-    @property
-    def batch_size(self) -> int:
-        return next(iter(self.layers.values())).cache.q_old.shape[0]
-
-    def select(self, idx) -> "OldPolicy":
-        """The rows ``idx`` of the batch (a minibatch of the rollout batch)."""
-        if not isinstance(idx, torch.Tensor):
-            idx = torch.as_tensor(idx, dtype=torch.long)
-        dev = next(iter(self.layers.values())).cache.q_old.device
-        idx = idx.to(dev)
-        return OldPolicy({i: c.select(idx) for i, c in self.layers.items()}, self.model_type)
-
-    def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.layers.values())
-
-    def for_layers(self, layers: Sequence[int]) -> dict:
-        """Map the current model's patched layers to captured layers: by index when the
-        capture comes from the same model, else in order (student's i-th patched layer ↔
-        teacher's i-th captured layer, e.g. last ↔ last)."""
-        mine = sorted(layers)
-        theirs = sorted(self.layers)
-        if set(mine) <= set(theirs) and len(mine) == len(theirs):
-            return {i: self.layers[i] for i in mine}
-        if len(mine) != len(theirs):
-            raise PatchError(f"the old policy / teacher was captured at {len(theirs)} layer(s) {theirs} but the "
-                             f"model is patched at {len(mine)} layer(s) {mine}; patch the same number of layers")
-        return {i: self.layers[j] for i, j in zip(mine, theirs)}
-
-
-# --------------------------------------------------------------------------- layouts (padding / packing)
-
-class _Layout:
-    """How the tokens this layer sees map to a left/right-padded batch ``[B, H, T, D]``
-    with a key mask. Padded inputs map to themselves; packed inputs (one row holding
-    several sequences, flash-attn ``cu_seqlens`` style) are unpacked left-padded for the
-    capture (the old-policy cache is padded, its last rows the responses) and run through
-    ``fused_attn_kl_varlen`` in the update."""
-
-    def __init__(self, key_mask, segments=None):
-        self.key_mask = key_mask  # [B', T'] bool or None
-        self.segments = segments  # None, or (lengths list, batch_idx, pos_idx, width)
-
-    @property
-    def packed(self) -> bool:
-        return self.segments is not None
-
-    def to_padded(self, x):  # [B, H, T, D] -> [B', H, T', D]
-        if not self.packed:
-            return x
-        lengths, bi, pi, width = self.segments
-        rows = x[0].transpose(0, 1)  # [T, H, D]
-        out = rows.new_zeros((len(lengths), width) + tuple(rows.shape[1:]))
-        out = out.index_put((bi, pi), rows)
-        return out.transpose(1, 2)
-
-    def rows_to_padded(self, m):  # [B, T] -> [B', T']
-        if not self.packed or m is None:
-            return m
-        lengths, bi, pi, width = self.segments
-        out = m.new_zeros((len(lengths), width))
-        return out.index_put((bi, pi), m[0])
-
-    # packed (varlen) form of a packed layout: [total, H, D] with flash-attn cu_seqlens
-    def cu_seqlens(self, lengths=None) -> torch.Tensor:
-        lens = torch.tensor(self.segments[0] if lengths is None else lengths, device=self.key_mask.device)
-        return torch.nn.functional.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32)
-
-    def padded_to_varlen(self, x):  # [B', H, T', D] (left-padded) -> [total, H, D]
-        _, bi, pi, _ = self.segments
-        return x.transpose(1, 2)[bi, pi]
-
-    def old_rows_to_varlen(self, cache):
-        """The cached last ``R`` rows of every sequence (padded ``[B', Ho, R, Do]``, plus
-        ``lse_old`` ``[B', Ho, R]``) in varlen form: each sequence keeps its last
-        ``min(R, length)`` rows. Returns ``(q_old [total_old, Ho, Do], lse_old [Ho, total_old]
-        or None, cu_seqlens_old)``."""
-        r = cache.q_old.shape[2]
-        keep = [min(r, n) for n in self.segments[0]]
-        q_old = torch.cat([cache.q_old[s, :, r - n:].transpose(0, 1) for s, n in enumerate(keep)])
-        lse = None if cache.lse_old is None else torch.cat([cache.lse_old[s, :, r - n:] for s, n in enumerate(keep)], 1)
-        return q_old, lse, self.cu_seqlens(keep)
-
-
-def _segments_layout(lengths: list, device) -> _Layout:
-    width = max(lengths)
-    bi, pi = left_padded_index(lengths, width, device)
-    key_mask = torch.zeros(len(lengths), width, dtype=torch.bool, device=device)
-    key_mask[bi, pi] = True
-    return _Layout(key_mask, (lengths, bi, pi, width))
-
-
-def _causal(tq: int, tk: int, device) -> torch.Tensor:
-    i = torch.arange(tq, device=device)[:, None]
-    j = torch.arange(tk, device=device)[None, :]
-    return j <= i + (tk - tq)
-
-
-def _layout_from(mask, q, k, kwargs, impl=None) -> _Layout:
-    """Read key padding (or packing) from whatever mask the model's own implementation
-    built: ``None`` (plain causal), a 2D padding mask (flash), a 4D bool (sdpa) or
-    additive float (eager) mask."""
-    b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
-    if mask is None:
-        cu = kwargs.get("cu_seq_lens_q")
-        if cu is not None and b == 1:
-            offs = cu.tolist()
-            return _segments_layout([y - x for x, y in zip(offs, offs[1:]) if y > x], q.device)
-        # flash attention (only) reads packing from position_ids; sdpa/eager would have built a mask
-        pos = kwargs.get("position_ids") if impl and "flash" in impl else None
-        if isinstance(pos, torch.Tensor) and pos.dim() == 2 and b == 1 and tq == tk and tq > 1:
-            starts = (pos[0, 1:] == 0).nonzero().flatten() + 1
-            if starts.numel():
-                bounds = [0] + starts.tolist() + [tq]
-                return _segments_layout([y - x for x, y in zip(bounds, bounds[1:])], q.device)
-        return _Layout(None)
-    if not isinstance(mask, torch.Tensor):
-        raise PatchError(f"ral_fused attention got an attention mask of type {type(mask).__name__} "
-                         "(e.g. flex BlockMask); use attn_implementation='sdpa', 'eager' or 'flash_attention_2'")
-    if mask.dim() == 2:
-        return _Layout(None if bool(mask.all()) else mask.bool())
-    if mask.dim() != 4:
-        raise PatchError(f"unexpected attention mask shape {tuple(mask.shape)}")
-    allowed = mask[:, 0] if mask.dtype == torch.bool else (mask[:, 0] > torch.finfo(mask.dtype).min / 2)
-    if allowed.shape[-2:] != (tq, tk):
-        allowed = allowed[..., -tq:, -tk:]
-    causal = _causal(tq, tk, q.device)
-    key_mask = allowed[:, -1, :] | ~causal[-1][None, :]  # the last row sees every valid key
-    # Rows of padding queries are not compared: implementations differ there (all masked, or
-    # all unmasked to avoid NaN), and their outputs never reach a real token. A row the last
-    # row cannot see that attends to a proper subset of keys is a packed sequence instead.
-    valid_q = key_mask[:, tk - tq:]
-    mismatch = allowed ^ (causal[None] & key_mask[:, None, :])
-    diff = mismatch & valid_q[:, :, None]
-    packed_like = ~valid_q & mismatch.any(-1) & ~allowed.all(-1)
-    if not bool(diff.any()) and not bool(packed_like.any()):
-        return _Layout(None if bool(key_mask.all()) else key_mask)
-    if b == 1 and tq == tk:  # block-diagonal causal: packed sequences
-        idx = torch.arange(1, tq, device=q.device)
-        starts = (~allowed[0, idx, idx - 1]).nonzero().flatten() + 1
-        bounds = [0] + starts.tolist() + [tq]
-        lengths = [y - x for x, y in zip(bounds, bounds[1:])]
-        seg = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), torch.tensor(lengths, device=q.device))
-        if torch.equal(allowed[0], causal & (seg[:, None] == seg[None, :])):
-            return _segments_layout(lengths, q.device)
-    raise PatchError("the attention mask of this layer is neither causal with key padding nor packed causal "
-                     "sequences (sliding window, bidirectional image attention, ...): the fused op cannot express it")
 
 
 def _original_fn(module, impl):
@@ -288,10 +105,11 @@ class CaptureContext:
     ``.attention_rows`` (if requested) the head-averaged attention rows of the response,
     ``{layer: [B, R, T] float32}`` (for metrics only)."""
 
-    def __init__(self, num_rows, with_lse, record_attention):
+    def __init__(self, num_rows, with_lse, record_attention, offload=None):
         self.num_rows = num_rows
         self.with_lse = with_lse
         self.record_attention = record_attention
+        self.offload = offload
         self.layers: dict = {}
         self.attention_rows: dict = {}
         self.old_policy: Optional[OldPolicy] = None
@@ -343,7 +161,7 @@ def _attention_rows(q, k, layout_key_mask, num_rows, scale):
     if kf.shape[1] != qr.shape[1]:
         kf = kf.repeat_interleave(qr.shape[1] // kf.shape[1], dim=1)
     s = torch.einsum("bhrd,bhtd->bhrt", qr, kf) * scale
-    allowed = _causal(q.shape[2], k.shape[2], q.device)[-num_rows:][None, None]
+    allowed = causal_mask(q.shape[2], k.shape[2], q.device)[-num_rows:][None, None]
     if layout_key_mask is not None:
         allowed = allowed & layout_key_mask[:, None, None, :]
     s = s.masked_fill(~allowed, float("-inf"))
@@ -356,17 +174,19 @@ def _attention_rows(q, k, layout_key_mask, num_rows, scale):
 class RALPatch:
     """Handle returned by :func:`patch_model`. Not thread-safe: one forward at a time."""
 
-    def __init__(self, model, layers: list[int], backend: str = "auto"):
+    def __init__(self, model, layers: list[int], backend: str = "auto", allow_unlisted: bool = False):
         self.model = model
         self.layers = layers
         self.backend = backend
+        self.allow_unlisted = allow_unlisted
         self._mode: Optional[str] = None
         self._ctx = None
         self._active = True
 
     # ---- modes
     @contextlib.contextmanager
-    def capture(self, num_rows: Optional[int] = None, *, with_lse: bool = False, record_attention: bool = False):
+    def capture(self, num_rows: Optional[int] = None, *, with_lse: bool = False, record_attention: bool = False,
+                offload: Optional[str] = None):
         """Capture the old policy (or teacher) during the forward run inside the block.
 
         Args:
@@ -375,8 +195,16 @@ class RALPatch:
             with_lse: also keep per-row log-sum-exp (saves one sweep in the update pass).
             record_attention: also keep the head-averaged attention rows of those rows
                 (``[B, R, T]``, for metrics such as attention entropy and mass on a region).
+            offload: ``"cpu"``: keep the cache in host memory (pinned when the model is on
+                a GPU), each layer's as soon as it is captured; ``old.select(idx)`` brings
+                a minibatch's rows back. ``None`` (default): keep it on the model's device.
+
+        Works under ``torch.no_grad()`` and ``torch.inference_mode()`` (the cache is copied
+        out of inference mode so that a later update pass can save it for backward).
         """
-        self._enter("capture", CaptureContext(num_rows, with_lse, record_attention))
+        if offload not in OFFLOAD_TARGETS:
+            raise PatchError(f"offload must be None or 'cpu', got {offload!r}")
+        self._enter("capture", CaptureContext(num_rows, with_lse, record_attention, offload))
         ctx = self._ctx
         try:
             yield ctx
@@ -417,10 +245,25 @@ class RALPatch:
             ctx._teacher_mapping = teacher.for_layers(self.layers)
             ctx.teacher_divergence_name = teacher_divergence
         self._enter("update", ctx)
+        # A checkpointed patched layer would be recomputed in the backward, outside this
+        # block, as plain attention: the saved tensors would not match (CheckpointError) and
+        # the divergence would lose its gradient. Patched layers are small next to the rest
+        # (no T x T map), so they run without checkpointing inside the block; the other
+        # layers keep it.
+        layers = self.decoder_layers()
+        ckpt = [i for i in self.layers if getattr(layers[i], "gradient_checkpointing", False)]
+        for i in ckpt:
+            layers[i].gradient_checkpointing = False
         try:
             yield ctx
         finally:
+            for i in ckpt:
+                layers[i].gradient_checkpointing = True
             self._exit()
+
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        """The patched model's decoder layers."""
+        return decoder_layers(self.model, self.allow_unlisted)
 
     def _enter(self, mode, ctx):
         if not self._active:
@@ -433,7 +276,11 @@ class RALPatch:
         self._mode, self._ctx = None, None
 
     # ---- the attention function
-    def _attention(self, state, module, q, k, v, mask, dropout, scaling, sliding_window, softcap, kwargs):
+    def _attention(self, state, module, q, k, v, mask, dropout, scaling, sliding_window, softcap, kwargs,
+                   capture_output=True):
+        """The patched layer's attention: ``[B, T, H, Dv]`` output (and ``None``) as HF's
+        attention functions return it. ``capture_output=False``: a capture records the
+        cache and returns None (for a caller that computes the output itself)."""
         mode = self._mode
         if mode is None or (mode == "capture" and q.shape[2] != k.shape[2]):
             return _original_fn(module, state.orig_impl)(module, q, k, v, mask, dropout=dropout, scaling=scaling,
@@ -448,7 +295,7 @@ class RALPatch:
             raise PatchError("update passes need the whole sequence in one forward (no KV cache): got "
                              f"{q.shape[2]} queries for {k.shape[2]} keys")
         scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
-        layout = _layout_from(mask, q, k, kwargs, state.orig_impl)
+        layout = layout_from(mask, q, k, kwargs, state.orig_impl)
         if mode == "capture":
             ctx: CaptureContext = self._ctx
             qp, kp = layout.to_padded(q), layout.to_padded(k)
@@ -460,9 +307,11 @@ class RALPatch:
                 cache = ral_kernels.make_old_policy_cache(qp.detach(), kp.detach(), num_rows=r,
                                                           with_lse=ctx.with_lse, key_mask=layout.key_mask,
                                                           old_sm_scale=scale)
-            ctx.layers[state.layer_idx] = LayerCapture(cache, scale, layout.key_mask, t)
+            ctx.layers[state.layer_idx] = LayerCapture(cache, scale, layout.key_mask, t).offload(ctx.offload)
             if ctx.record_attention:
                 ctx.attention_rows[state.layer_idx] = _attention_rows(qp, kp, layout.key_mask, r, scale)
+            if not capture_output:
+                return None
             return _original_fn(module, state.orig_impl)(module, q, k, v, mask, dropout=dropout, scaling=scaling,
                                                          sliding_window=sliding_window, softcap=softcap, **kwargs)
         # update
@@ -484,6 +333,7 @@ class RALPatch:
         out = None
         dt = q.dtype
         for cap, div_name, store, what in targets:
+            cap = cap.to(q.device)  # an offloaded capture used without select()
             self._check_aligned(cap, km, rm, state.layer_idx, what)
             c = cap.cache
             kw = dict(causal=True, sm_scale=scale, old_sm_scale=cap.sm_scale, divergence=div_name,
@@ -535,7 +385,7 @@ class RALPatch:
         """Restore every patched layer's original attention implementation."""
         if not self._active:
             return
-        layers = decoder_layers(self.model)
+        layers = self.decoder_layers()
         for i in self.layers:
             attn = layers[i].self_attn
             st = getattr(attn, "_ral_state", None)
@@ -550,7 +400,8 @@ class RALPatch:
         return f"RALPatch(model={type(self.model).__name__}, layers={self.layers}, backend={self.backend!r})"
 
 
-def patch_model(model, layers: Optional[Sequence[int]] = None, *, backend: str = "auto") -> RALPatch:
+def patch_model(model, layers: Optional[Sequence[int]] = None, *, backend: str = "auto",
+                allow_unlisted: bool = False) -> RALPatch:
     """Swap the attention of decoder ``layers`` (default: the last one, as RAL uses) for
     the fused attention + divergence op. Returns the :class:`RALPatch` handle whose
     ``capture`` / ``update`` blocks drive it; ``patch.unpatch()`` restores the model.
@@ -559,13 +410,17 @@ def patch_model(model, layers: Optional[Sequence[int]] = None, *, backend: str =
         model: a supported Hugging Face model (see ``ral_trainer.SUPPORTED_ARCHITECTURES``).
         layers: decoder-layer indices; negative indices count from the end.
         backend: ``ral_kernels`` backend (``"auto"``: Triton/CUDA on GPU when built, else torch).
+        allow_unlisted: patch a model family outside the tested list, as long as its patched
+            layers look their kernel up in ``ALL_ATTENTION_FUNCTIONS`` (checked).
 
     Raises:
-        UnsupportedArchitectureError: the model family is not supported (the message lists them).
+        UnsupportedArchitectureError: the model family is not supported (the message lists them;
+            ``allow_unlisted=True`` opts in), a patched layer's attention forward does not
+            dispatch through ``ALL_ATTENTION_FUNCTIONS``, or it is a sliding-window layer.
         IndexError: a layer index out of range.
         PatchError: the model is already patched.
     """
-    dec_layers = decoder_layers(model)
+    dec_layers = decoder_layers(model, allow_unlisted)
     n = len(dec_layers)
     if getattr(model, "_ral_patch", None) is not None:
         raise PatchError("the model is already patched; call .unpatch() on its patch first")
@@ -582,9 +437,11 @@ def patch_model(model, layers: Optional[Sequence[int]] = None, *, backend: str =
                              f"(valid: 0..{n - 1} or -{n}..-1)")
         idx.append(i % n)
     idx = sorted(set(idx))
+    for i in idx:
+        check_patchable_layer(model, dec_layers, i)
     ral_kernels.resolve_backend(backend, next(model.parameters()).device)
     _register()
-    patch = RALPatch(model, idx, backend)
+    patch = RALPatch(model, idx, backend, allow_unlisted)
     for i in idx:
         attn = dec_layers[i].self_attn
         cfg = attn.config
@@ -602,3 +459,28 @@ def unpatch_model(model) -> None:
     p = getattr(model, "_ral_patch", None)
     if p is not None:
         p.unpatch()
+
+
+def apply_ral(model, *, layers: Optional[Sequence[int]] = None, backend: str = "auto",
+              allow_unlisted: bool = False) -> RALPatch:
+    """One line to put RAL's fused attention + divergence op into a model, in the spirit of
+    Liger's ``apply_liger_kernel_to_*``: unwraps DDP / FSDP1 / DeepSpeed / PEFT /
+    ``torch.compile`` wrappers, patches the decoder ``layers`` (default: the last) and
+    returns the :class:`RALPatch` whose ``capture`` / ``update`` blocks drive it. Calling it
+    again on the same model with the same settings returns the same patch.
+
+    Example::
+
+        patch = ral_trainer.apply_ral(model)               # any listed family
+        patch = ral_trainer.apply_ral(model, allow_unlisted=True)   # any ALL_ATTENTION_FUNCTIONS decoder
+    """
+    base = unwrap_model(model)
+    existing = getattr(base, "_ral_patch", None)
+    if existing is not None:
+        n = len(existing.decoder_layers())
+        want = sorted({i % n for i in ([n - 1] if layers is None else [layers] if isinstance(layers, int) else layers)})
+        if want == existing.layers and backend == existing.backend:
+            return existing
+        raise PatchError(f"the model is already patched at layers {existing.layers} with backend "
+                         f"{existing.backend!r}; call .unpatch() on it before patching layers {want} / {backend!r}")
+    return patch_model(base, layers, backend=backend, allow_unlisted=allow_unlisted)

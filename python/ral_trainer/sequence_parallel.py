@@ -42,7 +42,8 @@ import ral_kernels
 from ral_kernels import sequence_parallel as ksp
 
 from .models import decoder_layers
-from .patch import LayerCapture, PatchError, RALPatch, _layout_from, _original_fn
+from .layout import layout_from
+from .patch import LayerCapture, PatchError, RALPatch, _original_fn
 
 __all__ = ["ULYSSES_ATTN_NAME", "SPLayerCapture", "UlyssesModel", "sequence_parallel_patch", "ulysses_model"]
 
@@ -89,7 +90,7 @@ def _global_layout(q, mask, kwargs, group) -> _GlobalLayout:
             return _GlobalLayout(None, cu, n, world, rank)
     if mask is None:
         return _GlobalLayout(None, None, n, world, rank)
-    lay = _layout_from(mask, q, q, {}, None)
+    lay = layout_from(mask, q, q, {}, None)
     if lay.packed:
         raise PatchError("under sequence parallelism, pass packed sequences with attention_mask=None and their "
                          "position ids (verl's use_remove_padding), not a block mask")
@@ -236,9 +237,9 @@ class SPLayerCapture(LayerCapture):
 
     old_rows: torch.Tensor = None  # [m] ascending local row indices of cache.q_old
 
-    def select(self, idx: torch.Tensor) -> "SPLayerCapture":
-        c = super().select(idx)
-        return SPLayerCapture(c.cache, c.sm_scale, c.key_mask, c.num_tokens, self.old_rows)
+    def _with(self, fn) -> "SPLayerCapture":  # select / to / offload keep the rows
+        c = super()._with(fn)
+        return SPLayerCapture(c.cache, c.sm_scale, c.key_mask, c.num_tokens, c.device, old_rows=self.old_rows)
 
 
 def _capture_rows(layout: _GlobalLayout, num_rows: Optional[int], device) -> torch.Tensor:
@@ -274,7 +275,7 @@ def _sp_attention(patch: RALPatch, group, state, module, q, k, v, mask, dropout,
         ctx = patch._ctx
         rows = _capture_rows(layout, ctx.num_rows, q.device)
         cache = ral_kernels.OldPolicyCache(q.detach()[:, :, rows].clone(), k.detach().clone(), None)
-        ctx.layers[state.layer_idx] = SPLayerCapture(cache, scale, layout.key_mask, layout.n, rows)
+        ctx.layers[state.layer_idx] = SPLayerCapture(cache, scale, layout.key_mask, layout.n, old_rows=rows)
         return engine()
     ctx = patch._ctx
     rm = ctx.response_mask.to(q.device)

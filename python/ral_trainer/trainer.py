@@ -26,21 +26,16 @@ import json
 import os
 import random
 import time
-import warnings
 from typing import Callable, Optional
 
 import torch
 
 from . import losses
+from .guard import ZeroAttentionTermWarning, ZeroTermGuard, warn_zero_schedule
 from .models import token_type_kwargs
-from .patch import OldPolicy, LayerCapture, patch_model
-import ral_kernels
+from .patch import OldPolicy, patch_model
 
 __all__ = ["TrainConfig", "RALTrainer", "ZeroAttentionTermWarning"]
-
-
-class ZeroAttentionTermWarning(UserWarning):
-    """The settings make the RAL attention term identically zero."""
 
 
 @dataclasses.dataclass
@@ -66,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     layers: Optional[list] = None  # patched decoder layers (default: last)
     backend: str = "auto"
+    offload_cache: Optional[str] = None  # "cpu": keep the old-policy cache in host memory between passes
     log_attention: bool = True
     # on-policy distillation (with a teacher): + mu * token KD + gamma * attention divergence
     distill_mu: float = 1.0
@@ -77,22 +73,6 @@ class TrainConfig:
 
     def optimizer_steps_per_batch(self) -> int:
         return self.num_iterations * self.num_minibatches
-
-
-def _cat_policies(parts: list[OldPolicy]) -> OldPolicy:
-    out = {}
-    for i in parts[0].layers:
-        caps = [p.layers[i] for p in parts]
-        c0 = caps[0]
-        kms = [c.key_mask if c.key_mask is not None else
-               torch.ones(c.cache.k_old.shape[0], c.num_tokens, dtype=torch.bool, device=c.cache.k_old.device)
-               for c in caps]
-        km = torch.cat(kms)
-        lse = None if c0.cache.lse_old is None else torch.cat([c.cache.lse_old for c in caps])
-        cache = ral_kernels.OldPolicyCache(torch.cat([c.cache.q_old for c in caps]),
-                                           torch.cat([c.cache.k_old for c in caps]), lse)
-        out[i] = LayerCapture(cache, c0.sm_scale, None if bool(km.all()) else km, c0.num_tokens)
-    return OldPolicy(out, parts[0].model_type)
 
 
 def _merge_extras(extras: list[dict], device) -> dict:
@@ -144,10 +124,9 @@ class RALTrainer:
             raise ValueError(f"prompts_per_step * num_generations = {n} must be divisible by "
                              f"num_minibatches * grad_accum = {config.num_minibatches * config.grad_accum}")
         if config.ral_coef and config.optimizer_steps_per_batch() == 1 and teacher is None:
-            warnings.warn(
-                "RAL: num_iterations * num_minibatches == 1, so every update runs at θ = θ_old where the "
-                "attention divergence and its gradient are identically zero: the RAL term does nothing. Use "
-                "num_iterations > 1 or num_minibatches > 1.", ZeroAttentionTermWarning, stacklevel=2)
+            warn_zero_schedule("num_iterations * num_minibatches == 1 (one optimizer step per rollout batch)",
+                               "Use num_iterations > 1 or num_minibatches > 1.")
+        self.zero_guard = ZeroTermGuard(where="RALTrainer")
         self.patch = patch_model(self.model, config.layers, backend=config.backend)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
@@ -232,7 +211,8 @@ class RALTrainer:
             for s in range(0, N, mb):
                 idx = torch.arange(s, min(s + mb, N))
                 kw, rows, c, cm = self._inputs(roll, idx)
-                with self.patch.capture(num_rows=R + 1, record_attention=cfg.log_attention) as cap:
+                with self.patch.capture(num_rows=R + 1, record_attention=cfg.log_attention,
+                                        offload=cfg.offload_cache) as cap:
                     lg = self._logits(self.model, kw, R)
                 old_logp.append(losses.token_logprobs(lg, c, cfg.temperature))
                 parts.append(cap.old_policy)
@@ -246,8 +226,8 @@ class RALTrainer:
                     t_parts.append(tcap.old_policy)
         old_logp = torch.cat(old_logp)
         ref_logp = torch.cat(ref_logp) if ref_logp else None
-        old = _cat_policies(parts)
-        teach = _cat_policies(t_parts) if t_parts else None
+        old = OldPolicy.cat(parts)
+        teach = OldPolicy.cat(t_parts) if t_parts else None
         t_logits = torch.cat(t_logits) if t_logits else None
         att_stats = self._attention_stats(torch.cat(rows_att), roll, comps) if rows_att else {}
 
@@ -255,6 +235,8 @@ class RALTrainer:
         self.model.train()
         tok_losses, ral_terms, divs, stats = [], [], [], {}
         kd_terms, tdivs = [], []
+        opt_steps = 0  # optimizer steps taken on this rollout batch so far
+        signal = bool((adv != 0).any())  # without it the weights need not move
         for _ in range(cfg.num_iterations):
             perm = torch.randperm(N)
             for s in range(0, N, mb):
@@ -273,6 +255,8 @@ class RALTrainer:
                                               epsilon_high=cfg.epsilon_high, beta=cfg.beta,
                                               ref_logp=None if ref_logp is None else ref_logp[idx], **lt)
                     div = upd.divergence[:, -R - 1:-1]
+                    if cfg.ral_coef:
+                        self.zero_guard.observe(div, cm, moved=opt_steps > 0 and signal)
                     ral = losses.ral_term(div, adv[idx], cm, **lt)
                     loss = pg + cfg.ral_coef * ral
                     if teach is not None:
@@ -293,6 +277,7 @@ class RALTrainer:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                opt_steps += 1
         self.step += 1
         rec = {"step": self.step, "reward": float(rewards.mean()), "accuracy": float(correct.mean()),
                "token_loss": sum(tok_losses) / len(tok_losses), "ral_term": sum(ral_terms) / len(ral_terms),

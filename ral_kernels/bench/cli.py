@@ -6,6 +6,7 @@
     ral-bench table benchmarks/results/cpu-quick/fused_attn_kl.csv [--update README.md]
     ral-bench plot benchmarks/results/cpu-quick/fused_attn_kl.csv --out benchmarks/results/cpu-quick
     ral-bench list                                      # presets, providers (and why some cannot run), modes
+    ral-bench work --preset shape-A                     # executed GPU work (interpreter) against FlashAttention-2
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import time
 import torch
 
 from .._semantics import DIVERGENCES, HEAD_REDUCTIONS
+from ..tools.version import add_version_option
 from . import harness
 from .config import DTYPES, MODES, PRESETS, get_preset, parse_dtype, parse_heads, parse_mode
 from .providers import PROVIDERS
 
-COMMANDS = ("run", "plot", "table", "list")
+COMMANDS = ("run", "plot", "table", "list", "work")
 
 
 def _split(values) -> list[str]:
@@ -47,8 +49,10 @@ def _run_parser() -> argparse.ArgumentParser:
         prog="ral-bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Speed and peak memory of fused_attn_kl providers (eager, eager_compiled, the ral_kernels "
                     "backends, SDPA, flash-attn) in forward / backward / full mode.",
-        epilog="other commands: ral-bench table CSV | ral-bench plot CSV --out DIR | ral-bench list\n\n"
+        epilog="other commands: ral-bench table CSV | ral-bench plot CSV --out DIR | ral-bench list | "
+               "ral-bench work --preset shape-A\n\n"
                f"presets: {', '.join(PRESETS)}\nproviders: {', '.join(PROVIDERS)}\nmodes: {', '.join(MODES)}")
+    add_version_option(p)
     p.add_argument("--quick", action="store_true", help="the cpu-quick preset (CPU, under 5 minutes on 2 cores)")
     p.add_argument("--preset", help=f"one of: {', '.join(PRESETS)} (default: cpu-quick, or gpu-sweep with CUDA)")
     p.add_argument("--providers", nargs="+", help="subset of providers (default: all; unavailable ones are "
@@ -244,7 +248,14 @@ def cmd_list(argv) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
-    return {"run": cmd_run, "plot": cmd_plot, "table": cmd_table, "list": cmd_list}[cmd](argv)
+    return {"run": cmd_run, "plot": cmd_plot, "table": cmd_table, "list": cmd_list, "work": cmd_work}[cmd](argv)
+
+
+def cmd_work(argv) -> int:
+    """Count the GPU passes' executed work on the CPU (Triton's interpreter) against FA2's."""
+    from ..tools import work
+
+    return work.main(argv)
 
 
 if __name__ == "__main__":

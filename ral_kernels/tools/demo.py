@@ -14,6 +14,7 @@ import torch
 
 from .. import fused_attn_kl, make_old_policy_cache, ral_loss, resolve_backend
 from .measure import in_fresh_process, peak_memory_mb, pin_cpu_allocator, time_ms
+from .version import add_version_option
 
 
 def _problem(args, device):
@@ -52,6 +53,7 @@ def _cpu_peak_memory(args, name: str):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ral-demo", description=__doc__.splitlines()[0])
+    add_version_option(p)
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (prompt + response)")
     p.add_argument("--response-len", type=int, default=None, help="divergence rows (default: a quarter)")
     p.add_argument("--batch", type=int, default=1)

@@ -476,6 +476,7 @@ void check_invalid_config() {
   expect_success();
   ral_emu::launch(uses_smem, dim3(1), dim3(32), 100001, &n);
   expect_failure(cudaErrorInvalidValue, {"100001"});
+  const int arch = ral_emu::set_arch(90);  // H100: 227 KiB
   const void* as_void = reinterpret_cast<const void*>(uses_smem);
   CHECK(cudaFuncSetAttribute(as_void, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 << 10) == cudaSuccess);
   ral_emu::launch(uses_smem, dim3(1), dim3(32), 227 << 10, &n);
@@ -483,7 +484,287 @@ void check_invalid_config() {
   CHECK(cudaFuncSetAttribute(uses_smem, cudaFuncAttributeMaxDynamicSharedMemorySize, (227 << 10) + 1) ==
         cudaErrorInvalidValue);
   expect_failure(cudaErrorInvalidValue, {"cudaFuncSetAttribute"});
+  ral_emu::set_arch(arch);
   CHECK(n == 3 * 32);
+}
+
+// Each arch's opt-in limit (CUDA C++ Programming Guide, "Technical Specifications per Compute
+// Capability"): up to the limit a launch works, one byte more fails, and a kernel opted in on a
+// larger arch fails on a smaller one.
+void check_arch_limits() {
+  const struct {
+    int sm, bytes;
+  } kLimits[] = {{80, 163 << 10}, {86, 99 << 10}, {87, 163 << 10}, {89, 99 << 10},
+                 {90, 227 << 10}, {100, 227 << 10}, {120, 99 << 10}};
+  const int previous = ral_emu::arch();
+  int n = 0;
+  for (const auto& l : kLimits) {
+    CHECK(ral_emu::max_dyn_smem_per_block(l.sm) == l.bytes);
+    ral_emu::set_arch(l.sm);
+    CHECK(ral_emu::arch() == l.sm);
+    CHECK(cudaFuncSetAttribute(uses_smem, cudaFuncAttributeMaxDynamicSharedMemorySize, l.bytes) == cudaSuccess);
+    ral_emu::launch(uses_smem, dim3(1), dim3(32), l.bytes, &n);
+    expect_success();
+    CHECK(cudaFuncSetAttribute(uses_smem, cudaFuncAttributeMaxDynamicSharedMemorySize, l.bytes + 1) ==
+          cudaErrorInvalidValue);
+    expect_failure(cudaErrorInvalidValue, {("sm_" + std::to_string(l.sm)).c_str(), std::to_string(l.bytes).c_str()});
+  }
+  ral_emu::set_arch(90);
+  CHECK(cudaFuncSetAttribute(uses_smem, cudaFuncAttributeMaxDynamicSharedMemorySize, 120 << 10) == cudaSuccess);
+  ral_emu::set_arch(86);
+  ral_emu::launch(uses_smem, dim3(1), dim3(32), 120 << 10, &n);
+  expect_failure(cudaErrorInvalidValue, {"122880 bytes", "exceed sm_86's 101376"});
+  CHECK(n == 7 * 32);
+  for (int bad : {75, 0, 91}) {
+    bool threw = false;
+    try {
+      ral_emu::set_arch(bad);
+    } catch (const std::invalid_argument& e) {
+      threw = std::strstr(e.what(), std::to_string(bad).c_str()) != nullptr;
+    }
+    CHECK(threw && ral_emu::arch() == 86);
+  }
+  ral_emu::set_arch(previous);
+}
+
+// ---- schedules --------------------------------------------------------------------------------
+
+// Sets a schedule for one scope.
+struct ScheduleScope {
+  std::string previous;
+  explicit ScheduleScope(const std::string& spec) : previous(ral_emu::set_schedule(spec)) {}
+  ~ScheduleScope() { ral_emu::set_schedule(previous); }
+};
+
+__global__ void record_turns(unsigned* log, unsigned* n) {
+  ral_emu::preemption_point();
+  log[(*n)++] = linear_thread();
+  __syncthreads();
+}
+
+std::vector<unsigned> turns(const std::string& spec, unsigned threads) {
+  const ScheduleScope scope(spec);
+  std::vector<unsigned> log(threads, 9999);
+  unsigned n = 0;
+  ral_emu::launch(record_turns, dim3(1), dim3(threads), 0, log.data(), &n);
+  expect_success();
+  CHECK(n == threads);
+  std::vector<bool> seen(threads, false);
+  for (unsigned t : log) {
+    CHECK(t < threads && !seen[t]);  // a permutation
+    seen[t] = true;
+  }
+  return log;
+}
+
+// A two-stage pipeline as the kernels run it: each step stores the next stage, then, after a
+// barrier, reads a neighbour's value of this stage. Without the barrier that ends a step, a fast
+// thread overwrites the stage a slow one has yet to read.
+__global__ void pipeline(int steps, bool release, int* out) {
+  __shared__ int stage[2][64];
+  const int t = static_cast<int>(threadIdx.x), n = static_cast<int>(blockDim.x);
+  stage[0][t] = t;
+  int acc = 0;
+  for (int s = 0; s < steps; ++s) {
+    ral_emu::preemption_point();
+    stage[(s + 1) & 1][t] = (s + 1) * 1000 + t;
+    __syncthreads();
+    acc = acc * 31 + stage[s & 1][(t + 37) % n];
+    if (release) __syncthreads();
+  }
+  out[t] = acc;
+}
+
+bool pipeline_correct(const std::string& spec, bool release) {
+  const ScheduleScope scope(spec);
+  std::vector<int> out(64);
+  ral_emu::launch(pipeline, dim3(1), dim3(64), 0, 12, release, out.data());
+  expect_success();
+  for (int t = 0; t < 64; ++t) {
+    int want = 0;
+    for (int s = 0; s < 12; ++s) want = want * 31 + s * 1000 + (t + 37) % 64;
+    if (out[t] != want) return false;
+  }
+  return true;
+}
+
+void check_schedules() {
+  CHECK(ral_emu::schedule() == "inorder:seed=0,preempt=0,landing=wait");
+  {
+    const ScheduleScope scope("random:seed=7,preempt=0.5,landing=random");
+    CHECK(ral_emu::schedule() == "random:seed=7,preempt=0.5,landing=random");
+  }
+  CHECK(ral_emu::schedule() == "inorder:seed=0,preempt=0,landing=wait");
+  for (const char* bad : {"sideways", "random:seed=-1", "random:preempt=2", "random:landing=never", "random:speed=3",
+                          "reverse:seed"}) {
+    bool threw = false;
+    try {
+      ral_emu::set_schedule(bad);
+    } catch (const std::invalid_argument& e) {
+      threw = std::strstr(e.what(), bad) != nullptr && std::strstr(e.what(), "expected ORDER") != nullptr;
+    }
+    CHECK(threw);
+  }
+  CHECK(ral_emu::schedule() == "inorder:seed=0,preempt=0,landing=wait");
+
+  std::vector<unsigned> in_order(64), reverse(64);
+  for (unsigned t = 0; t < 64; ++t) in_order[t] = t, reverse[t] = 63 - t;
+  CHECK(turns("", 64) == in_order && turns("inorder:preempt=0", 64) == in_order);
+  CHECK(turns("reverse", 64) == reverse);
+  const std::vector<unsigned> a = turns("random:seed=1,preempt=1", 64);
+  CHECK(a != in_order && a != reverse);
+  CHECK(turns("random:seed=1,preempt=1", 64) == a);  // a seed replays
+  CHECK(turns("random:seed=2,preempt=1", 64) != a);
+
+  for (const char* spec : {"", "reverse:preempt=0.5", "random:seed=1,preempt=0.3", "random:seed=2,preempt=1"})
+    CHECK(pipeline_correct(spec, true));
+  bool caught = false;
+  for (const char* spec : {"random:seed=1,preempt=0.3", "random:seed=2,preempt=1"})
+    caught = caught || !pipeline_correct(spec, false);
+  CHECK(caught);
+}
+
+// ---- cp.async ---------------------------------------------------------------------------------
+
+bool same(const int4& a, const int4& b) { return a.x == b.x && a.y == b.y && a.z == b.z && a.w == b.w; }
+
+__global__ void async_copies(const int4* src, int4* seen) {
+  int4* sm = reinterpret_cast<int4*>(ral_emu::dynamic_smem());
+  if (threadIdx.x != 0) return;
+  ral_emu::cp_async_16(&sm[0], &src[0], true);
+  ral_emu::cp_async_commit();
+  ral_emu::cp_async_16(&sm[1], &src[1], true);
+  ral_emu::cp_async_16(&sm[2], &src[2], false);  // zero fill
+  ral_emu::cp_async_commit();
+  seen[0] = sm[0];
+  seen[1] = sm[1];
+  ral_emu::cp_async_wait(1);  // the first group has landed
+  seen[2] = sm[0];
+  seen[3] = sm[1];
+  ral_emu::cp_async_wait(0);
+  seen[4] = sm[1];
+  seen[5] = sm[2];
+}
+
+__global__ void async_copy_at(const char* src, int dst_offset, bool valid) {
+  ral_emu::cp_async_16(ral_emu::dynamic_smem() + dst_offset, src, valid);
+  ral_emu::cp_async_commit();
+  ral_emu::cp_async_wait(0);
+}
+
+void check_cp_async() {
+  const int4 src[3] = {{1, 2, 3, 4}, {5, 6, 7, 8}, {9, 10, 11, 12}};
+  const int4 fill = {-1, -1, -1, -1}, zero = {0, 0, 0, 0};
+  for (const char* spec : {"", "random:seed=3,preempt=0.5", "inorder:landing=issue", "random:seed=4,landing=random"}) {
+    const ScheduleScope scope(spec);
+    int4 seen[6];
+    ral_emu::launch(async_copies, dim3(1), dim3(32), 64, src, seen);
+    expect_success();
+    CHECK(same(seen[2], src[0]) && same(seen[4], src[1]) && same(seen[5], zero));  // after the waits: always
+    if (std::strstr(spec, "issue")) {
+      CHECK(same(seen[0], src[0]) && same(seen[1], src[1]) && same(seen[3], src[1]));
+    } else if (!std::strstr(spec, "random")) {  // the latest legal moment: at the wait
+      CHECK(same(seen[0], fill) && same(seen[1], fill) && same(seen[3], fill));
+    }
+  }
+  // Landing at any moment: over a few seeds, both early and late landings occur.
+  bool early = false, late = false;
+  for (int seed = 0; seed < 16; ++seed) {
+    const ScheduleScope scope("random:landing=random,preempt=1,seed=" + std::to_string(seed));
+    int4 seen[6];
+    ral_emu::launch(async_copies, dim3(1), dim3(32), 64, src, seen);
+    expect_success();
+    early = early || same(seen[0], src[0]) || same(seen[3], src[1]);
+    late = late || same(seen[0], fill) || same(seen[3], fill);
+  }
+  CHECK(early && late);
+
+  alignas(16) char bytes[48] = {};
+  ral_emu::launch(async_copy_at, dim3(1), dim3(1), 64, bytes, 16, true);
+  expect_success();
+  ral_emu::launch(async_copy_at, dim3(1), dim3(1), 64, bytes, 8, true);
+  expect_failure(cudaErrorLaunchFailure, {"cp.async 16-byte copy", "not 16-byte aligned"});
+  ral_emu::launch(async_copy_at, dim3(1), dim3(1), 64, bytes + 4, 16, true);
+  expect_failure(cudaErrorLaunchFailure, {"cp.async 16-byte copy", "not 16-byte aligned"});
+  ral_emu::launch(async_copy_at, dim3(1), dim3(1), 64, bytes + 4, 16, false);
+  expect_success();  // a zero fill reads nothing
+}
+
+// ---- alignment --------------------------------------------------------------------------------
+
+__global__ void ldmatrix_rows(int offset) {
+  std::uint32_t r[4];
+  char* sm = ral_emu::dynamic_smem();
+  ral_emu::ldmatrix_x4<false>(r, sm + ral_emu::lane_id() * 16 + (ral_emu::lane_id() == 5 ? offset : 0));
+}
+
+__global__ void vector_store(int offset) {
+  char* sm = ral_emu::dynamic_smem();
+  if (threadIdx.x == 3) *reinterpret_cast<uint4*>(sm + 16 + offset) = uint4{1u, 2u, 3u, 4u};
+  __syncthreads();
+}
+
+__global__ void float_load(int offset, float* out) {
+  char* sm = ral_emu::dynamic_smem();
+  out[threadIdx.x] = *reinterpret_cast<const float*>(sm + 4 * threadIdx.x + (threadIdx.x == 7 ? offset : 0));
+}
+
+void check_alignment() {
+  ral_emu::launch(ldmatrix_rows, dim3(1), dim3(32), 1024, 0);
+  expect_success();
+  ral_emu::launch(ldmatrix_rows, dim3(1), dim3(32), 1024, 8);
+  expect_failure(cudaErrorLaunchFailure, {"thread (5,0,0)", "ldmatrix row address", "not 16-byte aligned"});
+  ral_emu::launch(vector_store, dim3(2), dim3(64), 64, 0);
+  expect_success();
+  ral_emu::launch(vector_store, dim3(2), dim3(64), 64, 8);
+  expect_failure(cudaErrorLaunchFailure,
+                 {"misaligned store to", "uint4", "needs 16-byte alignment", "block (0,0,0) thread (3,0,0)", "emu_checks.cpp"});
+  float out[32];
+  ral_emu::launch(float_load, dim3(1), dim3(32), 256, 0, out);
+  expect_success();
+  ral_emu::launch(float_load, dim3(1), dim3(32), 256, 2, out);
+  expect_failure(cudaErrorLaunchFailure, {"misaligned load of", "float", "needs 4-byte alignment", "thread (7,0,0)"});
+  expect_next_launch_works();
+  alignas(16) char host[32] = {};
+  volatile int offset = 2;
+  float f = *reinterpret_cast<const float*>(host + offset);  // host code is left alone
+  CHECK(f == 0.f);
+}
+
+// ---- global write ownership -------------------------------------------------------------------
+
+__global__ void write_slot(float* out, int blocks_per_slot) {
+  if (threadIdx.x == 0) out[blockIdx.x / blocks_per_slot] = static_cast<float>(blockIdx.x + 1);
+}
+
+__global__ void add_atomic(float* out) {
+  if (threadIdx.x == 0) atomicAdd(out, 1.0f);
+}
+
+__global__ void write_input(const float* in, float* out) {
+  if (threadIdx.x == 0) out[blockIdx.x] = in[blockIdx.x];
+  if (threadIdx.x == 0 && blockIdx.x == 1) const_cast<float*>(in)[3] = 7.f;
+}
+
+void check_ownership() {
+  std::vector<float> out(4, 0.f), in(8, 1.f);
+  {
+    const ral_emu::GlobalWatch watch(
+        {{"out", out.data(), out.size() * 4, 4, true}, {"in", in.data(), in.size() * 4, 4, false}});
+    ral_emu::launch(write_slot, dim3(4), dim3(32), 0, out.data(), 1);  // one block per element
+    expect_success();
+    std::fill(out.begin(), out.end(), 0.f);
+    ral_emu::launch(write_slot, dim3(4), dim3(32), 0, out.data(), 2);  // blocks 0 and 1 write element 0
+    expect_failure(cudaErrorLaunchFailure, {"blocks (0,0,0) and (1,0,0) both wrote byte", "of out (element 0)"});
+    ral_emu::launch(add_atomic, dim3(4), dim3(32), 0, out.data());
+    expect_success();
+    ral_emu::launch(write_input, dim3(2), dim3(32), 0, in.data(), out.data());
+    expect_failure(cudaErrorLaunchFailure, {"block (1,0,0) wrote byte", "of in (element 3), an input"});
+  }
+  std::fill(out.begin(), out.end(), 0.f);
+  ral_emu::launch(write_slot, dim3(4), dim3(32), 0, out.data(), 2);  // outside a GlobalWatch: unchecked
+  expect_success();
+  CHECK(out[0] == 2.f && out[1] == 4.f);
 }
 
 // ---- types, intrinsics, kernel parameters ----------------------------------------------------
@@ -593,6 +874,8 @@ void bench(int iters) {
   std::printf("calls=%d seconds=%.6f ns_per_call=%.2f\n", 128 * iters, seconds, seconds * 1e9 / (128.0 * iters));
 }
 
+__global__ void empty_kernel() {}
+
 struct Check {
   const char* name;
   void (*run)();
@@ -612,6 +895,11 @@ const Check kChecks[] = {
     {"collective_errors", check_collective_errors},
     {"exception", check_exception},
     {"invalid_config", check_invalid_config},
+    {"arch_limits", check_arch_limits},
+    {"schedules", check_schedules},
+    {"cp_async", check_cp_async},
+    {"alignment", check_alignment},
+    {"ownership", check_ownership},
     {"misc", check_misc},
     {"second_tu", check_second_tu},
 };
@@ -621,6 +909,13 @@ const Check kChecks[] = {
 int main(int argc, char** argv) {
   if (argc == 4 && std::strcmp(argv[1], "convert") == 0) {
     convert(argv[2], argv[3]);
+    return 0;
+  }
+  if (argc == 2 && std::strcmp(argv[1], "config") == 0) {  // as RAL_EMU_SCHEDULE / RAL_EMU_ARCH set them
+    std::printf("schedule=%s arch=%d\n", ral_emu::schedule().c_str(), ral_emu::arch());
+    ral_emu::launch(empty_kernel, dim3(1), dim3(32), 0);
+    const cudaError_t e = cudaGetLastError();
+    std::printf("launch=%s %s\n", cudaGetErrorString(e), e == cudaSuccess ? "" : ral_emu::last_error_message());
     return 0;
   }
   if (argc == 3 && std::strcmp(argv[1], "bench") == 0) {
@@ -633,6 +928,6 @@ int main(int argc, char** argv) {
       return 0;
     }
   }
-  std::fprintf(stderr, "usage: emu_checks CHECK | convert IN OUT | bench ITERS\n");
+  std::fprintf(stderr, "usage: emu_checks CHECK | config | convert IN OUT | bench ITERS\n");
   return 2;
 }

@@ -8,6 +8,7 @@ Conversions to fp16/bf16 are compared here with numpy and torch.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import shutil
@@ -39,6 +40,11 @@ CHECKS = [
     "collective_errors",  # mismatched collectives, partial masks, bad widths
     "exception",  # exceptions thrown by kernel code, nested launches
     "invalid_config",  # bad grid/block shapes, dynamic shared memory limits
+    "arch_limits",  # per-arch shared-memory limits (sm_80/86/87/89/90/100/120)
+    "schedules",  # reverse / random orders, preemption, replay by seed; a missing barrier is caught
+    "cp_async",  # copies landing at the wait, at issue or at random; wait_group; alignment traps
+    "alignment",  # misaligned ldmatrix rows and typed loads / stores fail the launch
+    "ownership",  # two blocks writing one byte, or a block writing an input, fail the launch
     "misc",  # vector types, qualifiers, bit casts, intrinsics, by-value parameters
     "second_tu",  # the header included by two translation units of one program
 ]
@@ -48,7 +54,7 @@ def _compile(sources: list[pathlib.Path], out: pathlib.Path, flags: list[str]) -
     """Starts one compile per source (objects next to ``out``); returns the processes."""
     procs = []
     for src in sources:
-        cmd = [GXX, "-std=c++17", "-O2", "-Wall", "-Wextra", "-DRAL_CPU_EMULATION", *flags,
+        cmd = [GXX, "-std=c++17", "-O2", "-Wall", "-Wextra", "-DRAL_CPU_EMULATION", "-fsanitize=alignment", *flags,
                "-I", str(EMU_DIR), "-c", str(src), "-o", str(out.with_name(f"{out.name}-{src.stem}.o"))]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
@@ -70,8 +76,10 @@ def builds(tmp_path_factory) -> dict[str, pathlib.Path]:
     return exes
 
 
-def run_checks(exe: pathlib.Path, *args: str) -> str:
-    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+def run_checks(exe: pathlib.Path, *args: str, env: dict | None = None) -> str:
+    # The checks expect the emulator's defaults, whatever RAL_EMU_* this run was started with.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAL_EMU_")}, **(env or {})}
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, f"emu_checks {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
     return proc.stdout
 
@@ -80,6 +88,18 @@ def run_checks(exe: pathlib.Path, *args: str) -> str:
 @pytest.mark.parametrize("check", CHECKS)
 def test_check(builds, check, variant):
     run_checks(builds[variant], check)
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, "schedule=inorder:seed=0,preempt=0,landing=wait arch=80\nlaunch=no error"),
+    ({"RAL_EMU_SCHEDULE": "random:seed=5,landing=issue", "RAL_EMU_ARCH": "86"},
+     "schedule=random:seed=5,preempt=0,landing=issue arch=86\nlaunch=no error"),
+    ({"RAL_EMU_SCHEDULE": "sideways"}, 'launch=invalid argument ral_emu: RAL_EMU_SCHEDULE: bad schedule "sideways"'),
+    ({"RAL_EMU_ARCH": "75"}, "launch=invalid argument ral_emu: RAL_EMU_ARCH=75: expected one of 80,"),
+], ids=["default", "set", "bad-schedule", "bad-arch"])
+def test_environment_configures_schedule_and_arch(builds, env, want):
+    """RAL_EMU_SCHEDULE / RAL_EMU_ARCH, read at startup; a bad value fails every launch, saying why."""
+    assert want in run_checks(builds["default"], "config", env=env)
 
 
 def test_syncwarp_switch_cost(builds):

@@ -4,11 +4,13 @@ at θ = θ_old, gradient routing, unpatch, packed inputs, teachers with other sh
 from __future__ import annotations
 
 
+import dataclasses
+
 import pytest
 import torch
 
 from trainer_helpers import ARCHS, make_batch
-from ral_trainer import PatchError, UnsupportedArchitectureError, patch_model
+from ral_trainer import PatchError, UnsupportedArchitectureError, apply_ral, patch_model
 from ral_trainer.losses import TeacherMisalignmentError, check_teacher_alignment
 from ral_trainer.models import decoder_layers, tiny_model
 
@@ -23,8 +25,12 @@ def _logit_loss(logits, attn, seed=3):
     return (logits * w * attn[..., None]).sum()
 
 
-@pytest.mark.parametrize("layers", [None, [0, 1]], ids=["last", "all"])
-@pytest.mark.parametrize("arch", ARCHS)
+# every family on its last layer; several layers at once on the families with distinct code paths
+# (M-RoPE VL, plain RoPE, GQA); Gemma 3's sliding layers are refused (test_sliding_window_layers_are_refused)
+_CASES = [(a, None) for a in ARCHS] + [(a, [0, 1]) for a in ("qwen2_5_vl", "qwen2_vl", "qwen2", "qwen3", "llama")]
+
+
+@pytest.mark.parametrize("arch,layers", _CASES, ids=[f"{a}-{'all' if l else 'last'}" for a, l in _CASES])
 def test_patched_matches_unpatched(arch, layers):
     model = tiny_model(arch).eval()
     kw, rows = make_batch(arch)
@@ -287,11 +293,168 @@ def test_left_and_right_padding():
     kw["input_ids"][0, -2:] = 0
     rows[0, -2:] = False
     ref = model(**kw).logits
-    patch = patch_model(model)
+    out, upd = _capture_and_update(patch_model(model), model, kw, rows)
+    valid = kw["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
+    assert torch.all(upd.divergence[0, -2:] == 0)
+
+
+def _capture_and_update(patch, model, kw, rows):
+    """Capture on ``kw``, then the update pass on the same tokens: (logits, update context)."""
     with torch.no_grad(), patch.capture(num_rows=6) as cap:
         model(**kw)
     with patch.update(cap.old_policy, rows) as upd:
         out = model(**kw).logits
+    return out, upd
+
+
+# --------------------------------------------------------------------------- which models can be patched
+
+def _granite(**kw):  # a decoder outside the tested list whose attention uses ALL_ATTENTION_FUNCTIONS
+    import transformers as tf
+
+    cfg = tf.GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa", **kw)
+    torch.manual_seed(0)
+    return tf.GraniteForCausalLM(cfg).eval()
+
+
+def test_unlisted_model_by_opt_in():
+    model = _granite()
+    kw, rows = make_batch("qwen2")
+    with pytest.raises(UnsupportedArchitectureError, match="allow_unlisted=True"):
+        patch_model(model)
+    ref = model(**kw).logits
+    patch = patch_model(model, allow_unlisted=True)
+    out, upd = _capture_and_update(patch, model, kw, rows)
     valid = kw["attention_mask"].bool()
     torch.testing.assert_close(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
-    assert torch.all(upd.divergence[0, -2:] == 0)
+    assert upd.divergence.abs().max() < 1e-6 and set(upd.per_layer) == {1}
+    patch.unpatch()
+    assert not hasattr(model.model.layers[1].self_attn, "_ral_state")
+
+
+def test_bypassed_attention_forward_is_refused():
+    """Another library replaced the attention forward with one that calls its kernel
+    directly (as verl does for Qwen2-VL): the patched layer would never run."""
+    model = tiny_model("qwen2")
+    attn = model.model.layers[-1].self_attn
+
+    def own_forward(hidden_states, *args, **kwargs):  # stand-in for a direct flash-attn call
+        return hidden_states, None
+
+    attn.forward = own_forward
+    with pytest.raises(UnsupportedArchitectureError, match="does not look its kernel up.*bypassed"):
+        patch_model(model)
+    patch_model(model, [0]).unpatch()  # the untouched layer is fine
+
+
+def test_sliding_window_layers_are_refused():
+    from ral_trainer.models import tiny_config
+    import transformers as tf
+
+    with pytest.raises(UnsupportedArchitectureError, match=r"layer 0 .*sliding-window.*layers=\[1\]"):
+        patch_model(tiny_model("gemma3_text"), [0])
+    patch_model(tiny_model("gemma3_text")).unpatch()  # the last layer is a full-attention layer
+    cfg = tiny_config("mistral")
+    cfg.sliding_window = 16
+    with pytest.raises(UnsupportedArchitectureError, match="sliding-window attention \\(window 16\\)"):
+        patch_model(tf.MistralForCausalLM(cfg))
+
+
+def test_apply_ral_one_liner():
+    peft = pytest.importorskip("peft")
+    model = tiny_model("qwen2")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    patch = apply_ral(wrapped)
+    assert patch.model is model and patch.layers == [1]
+    assert apply_ral(wrapped) is patch and apply_ral(model, layers=-1) is patch
+    with pytest.raises(PatchError, match="already patched at layers \\[1\\]"):
+        apply_ral(model, layers=[0])
+    patch.unpatch()
+    assert apply_ral(model, layers=[0]).layers == [0]
+
+
+# --------------------------------------------------------------------------- gradient checkpointing
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_update_under_gradient_checkpointing(reentrant):
+    """patch.update under HF gradient checkpointing: the same divergence and gradients as
+    without it (the patched layer runs unchekpointed inside the block, the others keep it)."""
+    def run(ckpt):
+        model = tiny_model("qwen2", num_layers=3).train()
+        kw, rows = make_batch("qwen2")
+        patch = patch_model(model)
+        with torch.no_grad(), patch.capture(num_rows=6) as cap:
+            model(**kw)
+        with torch.no_grad():
+            model.model.layers[-1].self_attn.q_proj.weight.mul_(1.5)  # θ != θ_old
+        if ckpt:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        with patch.update(cap.old_policy, rows) as upd:
+            logits = model(**kw, use_cache=False).logits
+        (_logit_loss(logits, kw["attention_mask"]) + 10 * upd.divergence.sum()).backward()
+        layers = model.model.layers
+        assert all(layer.gradient_checkpointing == ckpt for layer in layers)  # restored after the block
+        return upd.divergence.detach(), _grads(model)
+
+    d0, g0 = run(False)
+    d1, g1 = run(True)
+    assert d0[d0 != 0].numel() > 0
+    torch.testing.assert_close(d1, d0, atol=0, rtol=0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+# --------------------------------------------------------------------------- the cache: inference mode, offload
+
+def _capture_update(model, kw, rows, grad_mode, **cap_kw):
+    patch = patch_model(model)
+    w = model.model.layers[-1].self_attn.q_proj.weight
+    w0 = w.detach().clone()
+    with grad_mode(), patch.capture(num_rows=6, with_lse=True, **cap_kw) as cap:
+        model(**kw)
+    with torch.no_grad():
+        w.mul_(1.5)
+    model.zero_grad(set_to_none=True)
+    with patch.update(cap.old_policy.select(torch.arange(rows.shape[0])), rows) as upd:
+        model(**kw)
+    upd.divergence.sum().backward()
+    g = model.model.layers[-1].self_attn.q_proj.weight.grad.clone()
+    with torch.no_grad():
+        w.copy_(w0)
+    patch.unpatch()
+    return cap.old_policy, upd.divergence.detach(), g
+
+
+def test_capture_under_inference_mode_trains():
+    """vLLM-style scoring passes run under torch.inference_mode(): the cache must still be
+    usable in a later update pass with gradients."""
+    model = tiny_model("qwen2")
+    kw, rows = make_batch("qwen2")
+    old_nograd, d0, g0 = _capture_update(model, kw, rows, torch.no_grad)
+    old_inf, d1, g1 = _capture_update(model, kw, rows, torch.inference_mode)
+    cap = old_inf.layers[1]
+    assert not any(t.is_inference() for t in (cap.cache.q_old, cap.cache.k_old, cap.cache.lse_old))
+    assert d0[rows].min() > 0
+    torch.testing.assert_close(d1, d0, atol=0, rtol=0)
+    torch.testing.assert_close(g1, g0, atol=0, rtol=0)
+
+
+def test_offloaded_cache_gives_the_same_update():
+    model = tiny_model("qwen2")
+    kw, rows = make_batch("qwen2")
+    old0, d0, g0 = _capture_update(model, kw, rows, torch.no_grad)
+    old1, d1, g1 = _capture_update(model, kw, rows, torch.no_grad, offload="cpu")
+    c1 = old1.layers[1].cache
+    assert c1.q_old.device.type == "cpu" and old1.nbytes() == old0.nbytes()  # on a CPU model: kept as is
+    torch.testing.assert_close(d1, d0, atol=0, rtol=0)
+    torch.testing.assert_close(g1, g0, atol=0, rtol=0)
+    # an offloaded capture comes home per minibatch: pretend the model lives on the meta device
+    home = dataclasses.replace(old1.layers[1], device=torch.device("meta"))
+    assert home.offloaded
+    sel = home.select(torch.tensor([2, 0]))
+    assert sel.cache.q_old.device.type == "meta" and sel.cache.q_old.shape[0] == 2 and not sel.offloaded
+    with pytest.raises(PatchError, match="offload must be None or 'cpu'"):
+        with patch_model(model).capture(offload="disk"):
+            pass

@@ -108,3 +108,36 @@ def test_on_policy_distillation_step():
     rec = t.train_step()
     assert rec["token_kd"] > 0 and rec["teacher_attn_divergence"] > 0
     assert any(not torch.equal(before[n], p) for n, p in t.model.named_parameters())
+
+
+def test_offload_setting_reaches_the_capture(monkeypatch):
+    """TrainConfig.offload_cache goes to every capture (that an offloaded capture trains the
+    same is tests/trainer/test_patch.py::test_offloaded_cache_gives_the_same_update)."""
+    t = _trainer(offload_cache="cpu")
+    seen = []
+    orig = t.patch.capture
+
+    def spy(*a, **k):
+        seen.append(k.get("offload"))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(t.patch, "capture", spy)
+    t.train_step()
+    assert seen and all(o == "cpu" for o in seen)
+
+
+def test_runtime_guard_warns_when_weights_cannot_move():
+    t = _trainer(lr=0.0)
+    t.zero_guard.patience = 2
+    with pytest.warns(ZeroAttentionTermWarning, match="exactly 0 on 2 consecutive updates"):
+        while not t.zero_guard.warned and t.step < 4:  # a step whose rewards are all equal is not judged
+            t.train_step()
+    assert t.zero_guard.warned
+
+
+def test_cli_ral_coef_and_deprecated_lam():
+    from ral_trainer.demo import _parse
+
+    assert _parse(["--ral-coef", "0.5"]).ral_coef == 0.5
+    with pytest.warns(DeprecationWarning, match="--ral-coef"):
+        assert _parse(["--lam", "2"]).ral_coef == 2.0

@@ -85,7 +85,7 @@ def test_capture_in_old_logprob_pass(tmp_path):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_attention_loss_equals_ral_loss_by_hand(tmp_path, loss_type):
-    tr = make_trainer(tmp_path, num_iterations=2, attention_coef=3.0, loss_type=loss_type)
+    tr = make_trainer(tmp_path, num_iterations=2, ral_coef=3.0, loss_type=loss_type)
     inputs = rollout(tr)
     inputs["advantages"] = torch.tensor([1.0, -0.5, 2.0, -1.5])  # non-zero whatever the rewards were
     tr.current_gradient_accumulation_steps = 1  # set by TRL's train loop
@@ -100,7 +100,7 @@ def test_attention_loss_equals_ral_loss_by_hand(tmp_path, loss_type):
     loss = tr._compute_loss(tr.model, inputs)
     logged = tr._metrics["train"]["ral/attention_loss"][-1]
     assert logged == pytest.approx(float(expect), rel=1e-4, abs=1e-7)
-    tr.args.attention_coef = 0.0
+    tr.args.ral_coef = 0.0
     loss0 = tr._compute_loss(tr.model, inputs)
     assert float((loss - loss0).detach()) == pytest.approx(3.0 * float(expect), rel=1e-3, abs=1e-6)
 
@@ -149,7 +149,7 @@ def test_lora_trains_with_attention_term(tmp_path):
 def test_teacher_attention_distillation(tmp_path):
     teacher = tiny_trl_model(seed=3, num_heads=2, num_kv_heads=1, hidden_size=48)  # other head count / head dim
     tr = make_trainer(tmp_path, teacher=teacher, teacher_tok=tiny_tokenizer(), num_iterations=2,
-                      teacher_attention_coef=0.5, max_steps=1)
+                      teacher_ral_coef=0.5, max_steps=1)
     tr.train()
     h = [h for h in tr.state.log_history if "ral/teacher_attention_div" in h]
     assert h and h[0]["ral/teacher_attention_div"] > 0  # different models: non-zero divergence
@@ -157,11 +157,11 @@ def test_teacher_attention_distillation(tmp_path):
 
 def test_teacher_mismatch_errors(tmp_path):
     with pytest.raises(TeacherMisalignmentError, match="vocab_size"):
-        make_trainer(tmp_path, teacher=tiny_trl_model(vocab_size=40), teacher_attention_coef=1.0)
+        make_trainer(tmp_path, teacher=tiny_trl_model(vocab_size=40), teacher_ral_coef=1.0)
     other = tiny_tokenizer()
     other.add_tokens(["cyan"])
     with pytest.raises(TeacherMisalignmentError, match="tokenizer"):
-        make_trainer(tmp_path, teacher=tiny_trl_model(), teacher_tok=other, teacher_attention_coef=1.0)
+        make_trainer(tmp_path, teacher=tiny_trl_model(), teacher_tok=other, teacher_ral_coef=1.0)
 
 
 def test_unsupported_attention_is_refused(tmp_path):
@@ -189,3 +189,109 @@ def test_bad_config_values(tmp_path):
         quick_config(str(tmp_path), attention_head_reduction="none")
     with pytest.raises(ValueError, match="attention_divergence"):
         quick_config(str(tmp_path), attention_divergence="tv")
+
+
+# --------------------------------------------------------------------------- settings where the term is zero
+
+def test_vllm_importance_sampling_does_not_hide_a_zero_term(tmp_path, monkeypatch):
+    """With vLLM's importance-sampling correction TRL computes old log-probs on every
+    rollout, but with one optimizer step per rollout they are the current model's: the
+    term is identically zero, so nothing is captured and the trainer warns."""
+    from trl import GRPOTrainer
+
+    orig = GRPOTrainer.__init__
+
+    def as_if_vllm(self, *a, **k):  # vLLM cannot run here; its flags are all the adapter reads
+        orig(self, *a, **k)
+        self.use_vllm, self.vllm_importance_sampling_correction = True, True
+
+    monkeypatch.setattr(GRPOTrainer, "__init__", as_if_vllm)
+    with pytest.warns(ZeroAttentionTermWarning, match="vLLM's importance-sampling correction"):
+        tr = make_trainer(tmp_path, num_iterations=1)
+    assert not tr._ral_needs_old  # no capture on any rollout
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ZeroAttentionTermWarning)
+        tr = make_trainer(tmp_path, num_iterations=1, steps_per_generation=2, per_device_train_batch_size=2)
+    assert tr._ral_needs_old
+
+
+def test_liger_loss_route_is_refused(tmp_path, monkeypatch):
+    """TRL <= 1.9 sends use_liger_kernel=True to compute_liger_loss, which never calls
+    _compute_loss (where the term is added): refused. Simulated on the installed TRL with
+    the old routing, as in TRL 1.9's source."""
+    from trl import GRPOTrainer
+
+    assert not ral_trl._liger_bypasses_compute_loss()  # the installed TRL always calls _compute_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.use_liger_kernel:
+            return self.compute_liger_loss(model, inputs)
+        return self._compute_loss(model, inputs)
+
+    monkeypatch.setattr(GRPOTrainer, "compute_loss", compute_loss)
+    monkeypatch.setattr(GRPOTrainer, "compute_liger_loss", lambda self, model, inputs: None, raising=False)
+    assert ral_trl._liger_bypasses_compute_loss()
+    with pytest.raises(ValueError, match="use_liger_kernel=True.*compute_liger_loss"):
+        make_trainer(tmp_path, use_liger_kernel=True)
+    make_trainer(tmp_path)  # without Liger: fine
+
+
+def test_runtime_guard_warns_when_the_divergence_stays_zero(tmp_path):
+    """lr = 0: the schedule is fine (two steps per rollout), but the weights never move, so
+    every update after an optimizer step sees exactly θ_old."""
+    tr = make_trainer(tmp_path, num_iterations=2, learning_rate=0.0, max_steps=4)
+    tr.ral_zero_guard.patience = 2
+    with pytest.warns(ZeroAttentionTermWarning, match="exactly 0 on 2 consecutive updates"):
+        tr.train()
+    assert tr.ral_zero_guard.warned
+
+
+def test_deprecated_coefficient_names(tmp_path):
+    with pytest.warns(DeprecationWarning, match="attention_coef.*ral_coef"):
+        args = quick_config(str(tmp_path), attention_coef=2.5)
+    assert args.ral_coef == 2.5 and args.attention_coef is None
+    with pytest.warns(DeprecationWarning, match="teacher_ral_coef"):
+        args = quick_config(str(tmp_path), teacher_attention_coef=0.5)
+    assert args.teacher_ral_coef == 0.5
+
+
+# --------------------------------------------------------------------------- a vision-language model
+
+def test_vl_model_images_reach_the_attention_term(tmp_path):
+    """A tiny Qwen2.5-VL through RALGRPOTrainer: pixel_values and image_grid_thw go into the
+    capture and the update passes, the old policy covers the visual tokens, and the term is
+    non-zero after the first optimizer step of a rollout."""
+    from ral_trainer.adapters.toy import tiny_trl_vl_model, tiny_vl_processor, toy_vl_dataset
+
+    proc = tiny_vl_processor()
+    model = tiny_trl_vl_model(proc)
+    image_id = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    tr = ral_trl.RALGRPOTrainer(model=model, reward_funcs=copy_reward, train_dataset=toy_vl_dataset(8),
+                                args=quick_config(str(tmp_path), max_steps=2, num_iterations=2), processing_class=proc)
+    seen = {"capture": [], "update": []}
+
+    def record(m, a, kw, out):  # after the forward: the adapter's capture hook has not exited yet
+        if tr.ral_patch._mode is not None:  # the capture and update passes (not generation)
+            seen[tr.ral_patch._mode].append(
+                (kw.get("pixel_values") is not None, kw.get("image_grid_thw"), (kw["input_ids"] == image_id).sum(1)))
+
+    model.register_forward_hook(record, with_kwargs=True)
+    tr.train()
+    assert len(seen["capture"]) == 1 and len(seen["update"]) == 2  # one rollout, two optimizer steps on it
+    for has_pv, grid, n_img in seen["capture"] + seen["update"]:
+        assert has_pv
+        assert grid.tolist()[0] == [1, 4, 4] and n_img.tolist() == [4] * len(n_img)  # 32 px: 2 x 2 merged tokens
+    hist = [h for h in tr.state.log_history if "ral/attention_div" in h]
+    assert len(hist) == 2 and hist[0]["ral/attention_div"] < 1e-6 < hist[1]["ral/attention_div"]
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+def test_torch_compile_trains_two_steps(tmp_path):
+    """TRL's torch_compile=True compiles the patched model (HF's transposed q/k/v layout into
+    the fused op's fake and real kernels); 2 steps train and the second carries the term."""
+    tr = make_trainer(tmp_path, num_iterations=2, max_steps=2, torch_compile=True)
+    tr.train()
+    hist = [h for h in tr.state.log_history if "ral/attention_div" in h]
+    assert len(hist) == 2 and hist[0]["ral/attention_div"] < 1e-6 < hist[1]["ral/attention_div"]
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())

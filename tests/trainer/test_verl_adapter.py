@@ -8,7 +8,8 @@ paths) / ``prepare_model_outputs``, verl's ``ppo_loss`` and ``agg_loss``, and ve
 (FSDP wrapping, optimizer; verl's monkey patch imports a TRL class that TRL 1.x removed
 and FSDP needs an accelerator), so the tiny model is set as ``engine.module`` unwrapped,
 and verl's device helpers are pointed at the CPU (verl's platform registry only knows
-accelerators). Ray workers are not started.
+accelerators). The Ray route is in test_verl_ray.py, Qwen2.5-VL packed in test_verl_qwen2_vl.py;
+all three run in the verl environment that test_verl_env.py builds.
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ import os
 import pytest
 import torch
 
-verl = pytest.importorskip(
-    "verl", reason="verl is not a test dependency: verl 0.9.1 declares transformers<5.11, which pip cannot install "
-                   "beside this project's transformers>=5.17; install it with pip install --no-deps 'verl==0.9.*' "
-                   "and the [verl] extra to run these tests")
+verl = pytest.importorskip("verl", reason="runs in the verl environment built by tests/trainer/test_verl_env.py")
 
 import ral_kernels  # noqa: E402
 from ral_trainer.adapters import UnsupportedVersionError  # noqa: E402
@@ -51,28 +49,36 @@ def engine(tmp_path_factory):
         os.environ.setdefault("MASTER_PORT", "29561")
         dist.init_process_group("gloo", rank=0, world_size=1)
     import verl.workers.engine.fsdp.transformer_impl as ti
-    from verl.trainer.config import CheckpointConfig
-    from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
 
     mp = pytest.MonkeyPatch()
     mp.setattr(ti, "get_device_id", lambda: "cpu")  # verl's platform registry has no CPU device
     mp.setattr(ti, "get_device_name", lambda: "cpu")
-    model = tiny_model("qwen2")
-    model.config._attn_implementation = "sdpa"
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    model.save_pretrained(path)
-    mc = HFModelConfig(path=str(path), load_tokenizer=False, override_config={"attn_implementation": "sdpa"})
-    eng = ti.FSDPEngineWithLMHead(mc, FSDPEngineConfig(strategy="fsdp2"), FSDPOptimizerConfig(lr=1e-3),
-                                  CheckpointConfig())
-    eng.module = model
-    eng._autocast_dtype = torch.float32  # fp32 mixed precision, as _build_fsdp_module would set
-    adapter = va.RALVerlAdapter(eng, attention_coef=1.0)
+    eng, model = _make_engine(tmp_path_factory.mktemp("tiny_qwen2"))
+    adapter = va.RALVerlAdapter(eng, ral_coef=1.0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     yield eng, adapter, model, state
     adapter.detach()
     mp.undo()
     if own_group:
         dist.destroy_process_group()
+
+
+def _make_engine(path, arch="qwen2", **kw):
+    """verl's FSDPEngineWithLMHead built by its own __init__ around a tiny model, left
+    unwrapped (FSDP wrapping needs an accelerator)."""
+    import verl.workers.engine.fsdp.transformer_impl as ti
+    from verl.trainer.config import CheckpointConfig
+    from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
+
+    model = tiny_model(arch, **kw)
+    model.config._attn_implementation = "sdpa"
+    model.save_pretrained(path)
+    mc = HFModelConfig(path=str(path), load_tokenizer=False, override_config={"attn_implementation": "sdpa"})
+    eng = ti.FSDPEngineWithLMHead(mc, FSDPEngineConfig(strategy="fsdp2"), FSDPOptimizerConfig(lr=1e-3),
+                                  CheckpointConfig())
+    eng.module = model
+    eng._autocast_dtype = torch.float32  # fp32 mixed precision, as _build_fsdp_module would set
+    return eng, model
 
 
 def _batch(remove_padding: bool, mb: int = 2):
@@ -169,11 +175,11 @@ def _update(eng, ad, model, state, remove_padding, coef=1.0, mode="token-mean"):
     tu.assign_non_tensor(td, global_batch_size=B)
     _perturb(model)
     model.zero_grad()
-    ad.config.attention_coef = coef
+    ad.config.ral_coef = coef
     try:
         res = eng.forward_backward_batch(td, functools.partial(ppo_loss, config=_actor_cfg(mode)), forward_only=False)
     finally:
-        ad.config.attention_coef = 1.0
+        ad.config.ral_coef = 1.0
     return res, model.model.layers[-1].self_attn.q_proj.weight.grad.clone()
 
 
@@ -252,3 +258,68 @@ def test_zero_term_schedule_warns(engine):
         assert ad.check_schedule(train_batch_size=8, rollout_n=4, ppo_mini_batch_size=8, ppo_epochs=1)
     ad._warned_zero = False
     assert not ad.check_schedule(train_batch_size=8, rollout_n=4, ppo_mini_batch_size=4, ppo_epochs=1)
+
+
+def test_cache_offload_gives_the_same_term(engine):
+    eng, ad, model, state = engine
+    res, grad = _update(eng, ad, model, state, True)
+    ad.config.cache_offload = "cpu"
+    try:
+        res2, grad2 = _update(eng, ad, model, state, True)
+    finally:
+        ad.config.cache_offload = None
+    assert all(q.device.type == "cpu" for c in ad._store.values() for q, _ in c.values())
+    got = [float(v) for v in res["metrics"]["actor/ral_attention_loss"].values]
+    assert got == [float(v) for v in res2["metrics"]["actor/ral_attention_loss"].values]
+    torch.testing.assert_close(grad2, grad, atol=0, rtol=0)
+
+
+def test_deprecated_and_misplaced_settings(tmp_path):
+    from omegaconf import OmegaConf
+    from types import SimpleNamespace
+
+    with pytest.warns(DeprecationWarning, match="ral_coef"):
+        assert va.RALVerlConfig(attention_coef=0.5).ral_coef == 0.5
+    with pytest.raises(ValueError, match="cache_offload"):
+        va.RALVerlConfig(cache_offload="disk")
+    worker = SimpleNamespace(role="actor_rollout", config=OmegaConf.create({"actor": {"ral": {"ral_coef": 1.0}}}))
+    with pytest.raises(PatchError, match="actor_rollout_ref.ral, not actor_rollout_ref.actor.ral"):
+        va.attach_to_worker(worker)
+    worker.config = OmegaConf.create({"actor": {}})
+    assert va.attach_to_worker(worker) is None  # no RAL block: plain verl
+    rollout = SimpleNamespace(role="rollout", config=OmegaConf.create({"ral": {"ral_coef": 1.0}}))
+    assert va.attach_to_worker(rollout) is None
+
+
+def test_worker_hook_attaches_after_init_model(engine, tmp_path, monkeypatch):
+    """install_worker_hook wraps verl's ActorRolloutRefWorker.init_model (keeping verl's
+    dispatch registration): after init_model the adapter is on the actor engine."""
+    from omegaconf import OmegaConf
+    from verl.single_controller.base.decorator import MAGIC_ATTR
+    from verl.workers import engine_workers as ew
+
+    cls = ew.ActorRolloutRefWorker
+    real = cls.init_model
+    monkeypatch.setattr(cls, "init_model", real)  # whatever the hook installs is undone after the test
+    va.install_worker_hook()
+    assert cls.init_model._ral_hooked and getattr(cls.init_model, MAGIC_ATTR) == getattr(real, MAGIC_ATTR)
+    assert cls.init_model.__wrapped__ is real
+    hooked = cls.init_model
+    assert va.install_worker_hook().init_model is hooked  # idempotent
+
+    # verl's real init_model builds FSDP on GPUs; a stand-in builds the engine, the hook does the rest
+    eng2, model2 = _make_engine(tmp_path / "m2")
+
+    def init_model(self):
+        self.actor = type("TrainingWorker", (), {"engine": eng2})()
+
+    monkeypatch.setattr(cls, "init_model", init_model)
+    va.install_worker_hook()
+    worker = object.__new__(cls)
+    worker.role = "actor_rollout"
+    worker.config = OmegaConf.create({"actor": {}, "ral": {"ral_coef": 2.0, "cache_offload": "cpu"}})
+    worker.init_model()
+    ad = worker.ral_adapter
+    assert ad.engine is eng2 and ad.config.ral_coef == 2.0 and ad.config.cache_offload == "cpu"
+    assert ad.patch.model is model2 and eng2.forward_step == ad._forward_step
+    ad.detach()

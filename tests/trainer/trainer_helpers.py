@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from ral_trainer.models import tiny_model, token_type_kwargs
 from ral_trainer.visual_search import VisualSearchTask
 
-ARCHS = ["qwen2_5_vl", "qwen2_vl", "qwen2", "qwen3", "llama"]
-VL = {"qwen2_5_vl", "qwen2_vl"}
+ARCHS = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen2", "qwen3", "qwen3_moe", "llama", "mistral", "gemma3_text"]
+VL = {"qwen2_5_vl", "qwen2_vl", "qwen3_vl"}
 
 
 def make_batch(arch: str, *, seed: int = 0, pads=(3, 0, 5), width: int = 30, vocab: int = 64):

@@ -26,7 +26,7 @@ registered policy losses only see log-probs, so the adapter hooks the engine its
 Usage (in-process, after the engine is initialized)::
 
     from ral_trainer.adapters.verl import RALVerlAdapter
-    adapter = RALVerlAdapter(worker.actor.engine, attention_coef=1.0)   # ActorRolloutRefWorker
+    adapter = RALVerlAdapter(worker.actor.engine, ral_coef=1.0)   # ActorRolloutRefWorker
     # or, with Ray: use RALActorRolloutRefWorker as the actor_rollout worker class
 
 Metrics ``actor/ral_attention_loss`` and ``actor/ral_attention_div`` land in verl's actor
@@ -36,16 +36,16 @@ metrics.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Optional
 
 import torch
 
 import ral_kernels
 
-from ..models import decoder_layers
+from ..models import decoder_layers, unwrap_model
 from ..patch import LayerCapture, OldPolicy, PatchError, patch_model
-from ..trainer import ZeroAttentionTermWarning
+from ..policy import OFFLOAD_TARGETS, to_host
+from ..guard import ZeroTermGuard, deprecated_alias, warn_zero_schedule
 from . import check_version
 
 VERL_RANGE = "verl>=0.9,<0.10"
@@ -72,7 +72,8 @@ from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.utils.metric import AggregationType, Metric  # noqa: E402
 from verl.workers.utils.padding import no_padding_2_padding  # noqa: E402
 
-__all__ = ["RALVerlAdapter", "RALVerlConfig", "verl_normalized_ral_loss", "VERL_RANGE", "RALActorRolloutRefWorker"]
+__all__ = ["RALVerlAdapter", "RALVerlConfig", "verl_normalized_ral_loss", "VERL_RANGE", "RALActorRolloutRefWorker",
+           "attach_to_worker", "install_worker_hook", "ray_setup_hook", "route_verl_attention"]
 
 VERL_LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
                        "seq-mean-token-sum-norm")
@@ -83,25 +84,36 @@ class RALVerlConfig:
     """RAL settings for verl (e.g. ``actor_rollout_ref.actor.ral`` in the Hydra config).
 
     Args:
-        attention_coef: λ of ``L = L_PPO + λ · agg_t(A_t · D(p_θ^t ‖ p_old^t))``; 0 disables the term.
+        ral_coef: λ of ``L = L_PPO + λ · agg_t(A_t · D(p_θ^t ‖ p_old^t))``; 0 disables the term.
         attention_divergence: ``"jsd"`` (paper), ``"kl"`` (KL(old‖new)) or ``"reverse_kl"``.
         attention_layers: decoder-layer indices to patch (default: the last one, as the paper).
         attention_backend: ``ral_kernels`` backend (``"auto"``: Triton on CUDA, else torch).
+        attention_allow_unlisted: patch a model family outside the tested list whose attention
+            dispatches through ``ALL_ATTENTION_FUNCTIONS`` (checked).
         loss_agg_mode: override verl's ``actor.loss_agg_mode`` for the attention term
             (default: the one of verl's own ``ppo_loss`` config).
+        cache_offload: ``"cpu"``: keep the captured old-policy attention in (pinned) host
+            memory between ``compute_log_prob`` and ``update_actor``.
+        attention_coef: deprecated name of ``ral_coef`` (DeprecationWarning).
     """
 
-    attention_coef: float = 1.0
+    ral_coef: float = 1.0
     attention_divergence: str = "jsd"
     attention_layers: Optional[list] = None
     attention_backend: str = "auto"
+    attention_allow_unlisted: bool = False
     loss_agg_mode: Optional[str] = None
+    cache_offload: Optional[str] = None
+    attention_coef: Optional[float] = None
 
     def __post_init__(self):
+        deprecated_alias(self, "attention_coef", "ral_coef")
         if self.attention_divergence not in ("jsd", "kl", "reverse_kl"):
             raise ValueError(f"attention_divergence must be 'jsd', 'kl' or 'reverse_kl', got {self.attention_divergence!r}")
-        if self.attention_coef < 0:
-            raise ValueError("attention_coef must be >= 0")
+        if self.ral_coef < 0:
+            raise ValueError(f"ral_coef must be >= 0, got {self.ral_coef}")
+        if self.cache_offload not in OFFLOAD_TARGETS:
+            raise ValueError(f"cache_offload must be None or 'cpu', got {self.cache_offload!r}")
         if self.loss_agg_mode is not None and self.loss_agg_mode not in VERL_LOSS_AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {VERL_LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
 
@@ -131,21 +143,6 @@ def verl_normalized_ral_loss(div, advantages, response_mask, loss_agg_mode, *, d
     horizon = loss_scale_factor if loss_scale_factor is not None else m.shape[-1]
     return ral_kernels.ral_loss(div, advantages, m, loss_type=loss_agg_mode,
                                 max_completion_length=horizon) * num_seqs / denom
-
-
-def _hf_model(module):
-    """The Hugging Face model under FSDP1 / PEFT wrappers (FSDP2 shards in place)."""
-    m = module
-    for _ in range(4):
-        inner = getattr(m, "_fsdp_wrapped_module", None) or (
-            m.module if hasattr(m, "module") and isinstance(m.module, torch.nn.Module) and not hasattr(m, "config")
-            else None)
-        if inner is None:
-            break
-        m = inner
-    if hasattr(m, "get_base_model"):
-        m = m.get_base_model()
-    return m
 
 
 class _BatchLayout:
@@ -205,6 +202,69 @@ class _BatchLayout:
         return torch.cat([div[i, :n] for i, n in enumerate(self.lengths)])
 
 
+def _qwen2_vl_routed_forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None,
+                             **kwargs):
+    """verl's Qwen2-VL / Qwen2.5-VL attention forward (``qwen2_vl_attn_forward``), except
+    inside RAL's capture / update blocks on a patched layer: there the queries and keys
+    (after M-RoPE) go to the patch, and an update returns the fused op's output. Packed
+    rows (``use_remove_padding``: one row, no mask) are read from the text position ids,
+    which restart at 0 for every sequence, as verl's flash-attention call reads them."""
+    from verl.models.transformers.qwen2_vl import qwen2_vl_attn_forward
+
+    state = getattr(self, "_ral_state", None)
+    patch = state.patch() if state is not None else None
+    mode = None if patch is None else patch._mode
+    if mode is None:
+        return qwen2_vl_attn_forward(self, hidden_states, attention_mask, position_ids, position_embeddings, **kwargs)
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_multimodal_rotary_pos_emb
+
+    b, t, _ = hidden_states.shape
+    q, k, v = (proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+               for proj in (self.q_proj, self.k_proj, self.v_proj))
+    cos, sin = position_embeddings
+    rope = getattr(self, "rope_scaling", None) or getattr(self, "rope_parameters", None) or {}
+    q, k = apply_multimodal_rotary_pos_emb(q, k, cos, sin, rope.get("mrope_section"))
+    extra = {}
+    if attention_mask is None and b == 1 and position_ids is not None:
+        pos = position_ids[0] if position_ids.dim() == 3 else position_ids  # [1, T] text positions
+        starts = (pos[0] == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            raise PatchError("RAL: packed Qwen2-VL input whose position ids do not start at 0")
+        cu = torch.tensor(starts + [t], dtype=torch.int32, device=q.device)
+        extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
+    dropout = self.attention_dropout if self.training else 0.0
+    out = patch._attention(state, self, q, k, v, attention_mask, dropout, self.scaling, None, None, extra,
+                           capture_output=False)
+    if mode == "capture":  # the cache is recorded; verl's forward gives the output, as without RAL
+        return qwen2_vl_attn_forward(self, hidden_states, attention_mask, position_ids, position_embeddings, **kwargs)
+    return self.o_proj(out[0].reshape(b, t, -1)), None
+
+
+_qwen2_vl_routed_forward._ral_routed = True
+
+
+def route_verl_attention(model) -> int:
+    """verl's monkey patch for Qwen2-VL / Qwen2.5-VL with ``use_remove_padding=True`` (its
+    default) replaces the attention class's forward with one that calls flash-attention
+    itself and never consults ``ALL_ATTENTION_FUNCTIONS``: a patched layer would be
+    bypassed. Give each such attention module of ``model`` a forward that runs verl's
+    outside RAL's capture / update blocks and the patch inside them. Returns how many
+    modules were routed (0 for models verl did not patch that way)."""
+    import types
+
+    try:
+        from verl.models.transformers.qwen2_vl import qwen2_vl_attn_forward
+    except ImportError:  # pragma: no cover - a verl without it has nothing to route
+        return 0
+    n = 0
+    for layer in decoder_layers(model, allow_unlisted=True):
+        attn = layer.self_attn
+        if type(attn).forward is qwen2_vl_attn_forward and "forward" not in attn.__dict__:
+            attn.forward = types.MethodType(_qwen2_vl_routed_forward, attn)
+            n += 1
+    return n
+
+
 class RALVerlAdapter:
     """Plug RAL into an initialized verl ``FSDPEngineWithLMHead`` (the actor's engine).
 
@@ -238,8 +298,10 @@ class RALVerlAdapter:
             raise PatchError("RAL: the engine has no model yet; attach the adapter after engine.initialize() "
                              "(worker.init_model())")
         self.engine = engine
-        self.model = _hf_model(engine.module)
-        self.patch = patch_model(self.model, config.attention_layers, backend=config.attention_backend)
+        self.model = unwrap_model(engine.module)
+        self.routed_layers = route_verl_attention(self.model)
+        self.patch = patch_model(self.model, config.attention_layers, backend=config.attention_backend,
+                                 allow_unlisted=config.attention_allow_unlisted)
         self._sp = None  # Ulysses sequence parallelism (ulysses_sequence_parallel_size > 1): verl_sp
         if getattr(engine, "use_ulysses_sp", False):
             from .verl_sp import VerlUlysses
@@ -249,17 +311,21 @@ class RALVerlAdapter:
         self._sm_scale: dict = {}
         self._no_capture = 0
         self._warned_zero = False
+        self.zero_guard = ZeroTermGuard(where="the verl actor")
+        self._steps_since_capture = 0  # optimizer steps since the last compute_log_prob capture
         self._orig_forward_step = engine.forward_step
         self._orig_infer_batch = engine.infer_batch
         self._orig_disable_adapter = engine.disable_adapter
+        self._orig_optimizer_step = engine.optimizer_step
         engine.forward_step = self._forward_step
         engine.infer_batch = self._infer_batch
         engine.disable_adapter = self._disable_adapter
+        engine.optimizer_step = self._optimizer_step
         engine._ral_adapter = self
 
     def detach(self):
         """Restore the engine's methods and unpatch the model."""
-        for name in ("forward_step", "infer_batch", "disable_adapter"):
+        for name in ("forward_step", "infer_batch", "disable_adapter", "optimizer_step"):
             self.engine.__dict__.pop(name, None)
         self.engine.__dict__.pop("_ral_adapter", None)
         self.patch.unpatch()
@@ -282,13 +348,18 @@ class RALVerlAdapter:
     def _infer_batch(self, data, loss_function=None):
         if self._capturing():
             self._store.clear()  # a new rollout batch: its old policy replaces the previous one
+            self._steps_since_capture = 0
         return self._orig_infer_batch(data, loss_function=loss_function)
 
+    def _optimizer_step(self, *args, **kwargs):
+        self._steps_since_capture += 1
+        return self._orig_optimizer_step(*args, **kwargs)
+
     def _capturing(self):
-        return bool(self.config.attention_coef) and self._no_capture == 0
+        return bool(self.config.ral_coef) and self._no_capture == 0
 
     def _forward_step(self, micro_batch, loss_function, forward_only):
-        if not self.config.attention_coef:
+        if not self.config.ral_coef:
             return self._orig_forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
         packed = bool(tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True))
         layout = _BatchLayout(micro_batch, packed)
@@ -317,7 +388,10 @@ class RALVerlAdapter:
             q, k = cap.cache.q_old, cap.cache.k_old
             for i, (p, n, s) in enumerate(zip(layout.pos0, layout.lengths, layout.starts)):
                 a = p + s - (t - r)  # q row index of the first kept row
-                per_seq[i][li] = (q[i, :, a:a + n - s].clone(), k[i, :, p:p + n].clone())
+                qi, ki = q[i, :, a:a + n - s].clone(), k[i, :, p:p + n].clone()
+                if self.config.cache_offload:
+                    qi, ki = to_host(qi), to_host(ki)
+                per_seq[i][li] = (qi, ki)
         for key, caps in zip(layout.keys(), per_seq):
             self._store[key] = caps
 
@@ -357,10 +431,6 @@ class RALVerlAdapter:
         rows = layout.row_mask(layout.offsets[-1], dev)
         if self._sp is not None:
             rows = self._sp.local_rows(rows)
-        layers = decoder_layers(self.model)
-        for i in self.patch.layers:  # a checkpointed patched layer would recompute outside the update block
-            if getattr(layers[i], "gradient_checkpointing", False):
-                layers[i].gradient_checkpointing = False
         cfg = self.config
         state = {}
 
@@ -370,7 +440,7 @@ class RALVerlAdapter:
             if self._sp is not None:  # this rank's rows -> the micro-batch's (as verl gathers the log-probs)
                 div = self._sp.gather(div, layout.offsets[-1])
             term, div_mean, agg = self._term(div, data, layout, loss_function)
-            loss = loss + cfg.attention_coef * term.to(loss.dtype)
+            loss = loss + cfg.ral_coef * term.to(loss.dtype)
             metrics = dict(metrics)
             metrics["actor/ral_attention_loss"] = Metric(value=term.detach(), aggregation=agg)
             metrics["actor/ral_attention_div"] = Metric(value=div_mean, aggregation=AggregationType.MEAN)
@@ -398,6 +468,8 @@ class RALVerlAdapter:
         with torch.no_grad():
             m = mask.float()
             div_mean = float((div_resp.float() * m).sum() / m.sum().clamp(min=1.0))
+            moved = self._steps_since_capture > 0 and bool(((adv != 0) & mask).any())
+        self.zero_guard.observe(div_resp, mask, moved)
         return term, div_mean, agg
 
     # ------------------------------------------------------------------ checks
@@ -407,13 +479,72 @@ class RALVerlAdapter:
         prompts, as in verl's config (``rollout_n`` multiplies both sides)."""
         if ppo_epochs <= 1 and ppo_mini_batch_size >= train_batch_size and not self._warned_zero:
             self._warned_zero = True
-            warnings.warn(
-                "RAL attention term is identically zero with these verl settings: one PPO mini-batch per rollout "
-                f"batch (ppo_mini_batch_size={ppo_mini_batch_size} >= data.train_batch_size={train_batch_size}) and "
-                f"ppo_epochs={ppo_epochs}, so every update runs at θ = θ_old. Set ppo_epochs > 1 or "
-                "ppo_mini_batch_size < data.train_batch_size.", ZeroAttentionTermWarning, stacklevel=2)
+            warn_zero_schedule(f"one PPO mini-batch per rollout batch (ppo_mini_batch_size={ppo_mini_batch_size} "
+                               f">= data.train_batch_size={train_batch_size}) and ppo_epochs={ppo_epochs}",
+                               "Set ppo_epochs > 1 or ppo_mini_batch_size < data.train_batch_size.")
             return True
         return False
+
+
+def attach_to_worker(worker) -> Optional["RALVerlAdapter"]:
+    """Attach :class:`RALVerlAdapter` to an initialized ``ActorRolloutRefWorker`` (after
+    its ``init_model``) when its config has an ``ral`` block with ``ral_coef > 0``
+    (Hydra: ``+actor_rollout_ref.ral.ral_coef=1.0``; the block sits beside ``actor``, not in
+    it, because verl builds its actor dataclass from ``actor`` and rejects unknown keys).
+    Returns the adapter (also stored as ``worker.ral_adapter``), or None for a worker
+    without an actor role or without RAL settings."""
+    if "actor" not in getattr(worker, "role", ""):
+        return None
+    cfg = worker.config
+    if "ral" in cfg.get("actor", {}):
+        raise PatchError("RAL: put the RAL settings in actor_rollout_ref.ral, not actor_rollout_ref.actor.ral (verl "
+                         "builds its actor config from actor_rollout_ref.actor and rejects unknown keys)")
+    ral = cfg.get("ral", None)
+    if not ral:
+        return None
+    ral = RALVerlConfig(**dict(ral.items()))
+    if not ral.ral_coef:
+        return None
+    worker.ral_adapter = RALVerlAdapter(worker.actor.engine, ral)
+    return worker.ral_adapter
+
+
+def install_worker_hook():
+    """Make every ``verl.workers.engine_workers.ActorRolloutRefWorker`` created in this
+    process attach the adapter at the end of its ``init_model``. Idempotent. Returns the
+    class."""
+    import functools
+
+    from verl.workers import engine_workers as ew
+
+    cls = ew.ActorRolloutRefWorker
+    if getattr(cls.init_model, "_ral_hooked", False):
+        return cls
+    orig = cls.init_model
+
+    @functools.wraps(orig)  # keeps verl's @register dispatch attributes
+    def init_model(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        attach_to_worker(self)
+        return out
+
+    init_model._ral_hooked = True
+    cls.init_model = init_model
+    return cls
+
+
+def ray_setup_hook():
+    """Ray ``worker_process_setup_hook`` (runs in every Ray worker process, before verl's
+    actors are created there): :func:`install_worker_hook`. Enable it from verl's Hydra
+    config alone, no launcher code::
+
+        +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=ral_trainer.adapters.verl.ray_setup_hook
+        +actor_rollout_ref.ral.ral_coef=1.0
+
+    (see ``examples/verl/ral_grpo_qwen2_5_vl.yaml``). Patching in the driver does not reach
+    verl's workers: its ``TaskRunner`` is a Ray actor that imports the worker class in its
+    own process."""
+    install_worker_hook()
 
 
 def _make_worker_cls():
@@ -421,17 +552,15 @@ def _make_worker_cls():
     from verl.single_controller.base.decorator import Dispatch, register
 
     class RALActorRolloutRefWorker(ActorRolloutRefWorker):
-        """verl's ``ActorRolloutRefWorker`` with the RAL adapter on its actor engine. Reads
-        :class:`RALVerlConfig` fields from ``actor_rollout_ref.actor.ral`` (Hydra:
-        ``+actor_rollout_ref.actor.ral.attention_coef=1.0``)."""
+        """verl's ``ActorRolloutRefWorker`` with the RAL adapter on its actor engine (for
+        launchers that register their own worker class). Reads :class:`RALVerlConfig`
+        fields from ``actor_rollout_ref.ral`` (Hydra: ``+actor_rollout_ref.ral.ral_coef=1.0``)."""
 
         @register(dispatch_mode=Dispatch.ONE_TO_ALL)
         def init_model(self):
             super().init_model()
-            if "actor" in self.role:
-                ral = self.config.actor.get("ral", None) or {}
-                ral = dict(ral.items()) if hasattr(ral, "items") else {}
-                self.ral_adapter = RALVerlAdapter(self.actor.engine, RALVerlConfig(**ral))
+            if not hasattr(self, "ral_adapter"):  # the process hook may have attached it already
+                attach_to_worker(self)
 
     return RALActorRolloutRefWorker
 

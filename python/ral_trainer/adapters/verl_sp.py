@@ -114,7 +114,7 @@ class VerlUlysses:
             idx = torch.tensor(place, dtype=torch.long, device=device)
             cache = ral_kernels.OldPolicyCache(q_all[:, idx][None], k_all[None], None)
             out[li] = SPLayerCapture(cache, sm_scale[li], None, n,
-                                     torch.tensor(local, dtype=torch.long, device=device))
+                                     old_rows=torch.tensor(local, dtype=torch.long, device=device))
         return OldPolicy(out)
 
     def local_rows(self, rows: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ by path, before torch may be importable, so nothing here imports torch at module
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -14,10 +15,29 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
-CSRC = Path(__file__).resolve().parents[3] / "csrc"
+# Where the kernel sources are installed inside the package (setup.py copies csrc/ there).
+PACKAGED_CSRC = "csrc"
+# The files of csrc/ that ship: in the sdist (MANIFEST.in lists the same) and in the wheel.
+SOURCE_PATTERNS = ("*.cu", "*.cuh", "*.h", "*.cpp", "*.md")
+
+
+def _find_csrc() -> Path:
+    """The kernel sources: ``csrc/`` at the top of a source tree (a checkout, an unpacked
+    sdist, an editable install), which is the source of truth, else the copy a wheel
+    installs as package data (``ral_kernels/csrc``)."""
+    package = Path(__file__).resolve().parents[2]
+    tree = package.parent
+    if (tree / "pyproject.toml").is_file() and (tree / "csrc").is_dir():
+        return tree / "csrc"
+    return package / PACKAGED_CSRC
+
+
+CSRC = _find_csrc()
+
 KERNEL_NAMES = ("attn_fwd.cu", "attn_bwd.cu", "div.cu")
 KERNEL_SOURCES = tuple(CSRC / n for n in KERNEL_NAMES)
 BINDINGS = CSRC / "bindings.cpp"
@@ -30,11 +50,19 @@ CXX_FLAGS = ["-O3"]
 # The -U flags undo torch's -D__CUDA_NO_HALF_OPERATORS__ & co. so half/bfloat16 arithmetic works.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
               "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
-EMU_FLAGS = ["-O2", "-DRAL_CPU_EMULATION"]
+# -fsanitize=alignment: the emulator turns a misaligned load or store in a kernel into a launch
+# failure (csrc/emu/cuda_emu.h defines the handler; no sanitizer runtime is linked).
+EMU_FLAGS = ["-O2", "-DRAL_CPU_EMULATION", "-fsanitize=alignment"]
 JIT_NAME, EMU_NAME = "ral_kernels_cuda", "ral_kernels_emu"
 
 _log = logging.getLogger("ral_kernels")
 _ARCH = re.compile(r"(?:sm_)?(\d{1,2})\.?(\d)([af]?)")
+
+
+def source_files(csrc: Path = CSRC) -> list[Path]:
+    """The files of ``csrc`` that ship with the package (:data:`SOURCE_PATTERNS`), relative
+    to it, sorted."""
+    return sorted({p.relative_to(csrc) for pat in SOURCE_PATTERNS for p in csrc.rglob(pat) if p.is_file()})
 
 
 # --------------------------------------------------------------------------- flags
@@ -171,22 +199,35 @@ def _jit_archs() -> Optional[str]:
 _FAILED: dict = {}  # name -> the error of a failed build, so a broken toolchain fails fast
 
 
-def _load(what: str, **kwargs):
+def _load(what: str, hint: str = "", renamed: Optional[tuple[str, str]] = None, **kwargs):
     """``torch.utils.cpp_extension.load`` with memory-sized MAX_JOBS; failures become
-    BackendUnavailableError with the tail of the compiler output, raised again (without a
-    rebuild) on later calls in this process."""
+    BackendUnavailableError with the tail of the compiler output (``renamed`` = (staged
+    dir, source dir): name the files a developer edits), raised again (without a rebuild)
+    on later calls in this process. A first build (nothing cached yet) says so before and
+    after, as it takes minutes."""
     from torch.utils.cpp_extension import load
-    if kwargs["name"] in _FAILED:
-        raise _FAILED[kwargs["name"]]
+    name = kwargs["name"]
+    if name in _FAILED:
+        raise _FAILED[name]
+    cache = _extensions_root() / name
+    first = not (cache / f"{name}.so").is_file()
+    if first:
+        _log.warning("ral_kernels: building the %s just in time: a few minutes, once; cached under %s "
+                     "(TORCH_EXTENSIONS_DIR moves it).%s", what, cache, hint)
     set_jobs = "MAX_JOBS" not in os.environ
     if set_jobs:
         os.environ["MAX_JOBS"] = str(default_max_jobs())
+    t0 = time.perf_counter()
     try:
-        return load(verbose=False, **kwargs)
+        module = load(verbose=False, **kwargs)
+        if first:
+            _log.warning("ral_kernels: built the %s in %.0f s", what, time.perf_counter() - t0)
+        return module
     except Exception as exc:  # noqa: BLE001 - compiler, linker and import errors alike
+        tail = _tail(exc) if renamed is None else _tail(exc).replace(*renamed)
         err = _unavailable(f"building the {what} failed ({type(exc).__name__}); compiler output, last lines:\n"
-                           f"{_tail(exc)}")
-        _FAILED[kwargs["name"]] = err
+                           f"{tail}")
+        _FAILED[name] = err
         raise err from exc
     finally:
         if set_jobs:
@@ -209,39 +250,74 @@ def load_extension(csrc: Path = CSRC):
         flags = nvcc_flags(_jit_archs())
     except ValueError as exc:
         raise _unavailable(str(exc)) from exc
-    _log.warning("ral_kernels: building the CUDA extension just in time: a few minutes, once; cached under %s "
-                 "(TORCH_EXTENSIONS_DIR moves it). To prebuild it: pip install --no-deps --no-build-isolation -e .",
-                 _extensions_root())
-    return _load("CUDA extension", name=JIT_NAME,
+    return _load("CUDA extension", hint=" To prebuild it, install from source with a CUDA torch and nvcc: "
+                 "pip install --no-build-isolation <checkout or sdist> (README, Install).", name=JIT_NAME,
                  sources=[str(csrc / "bindings.cpp"), *(str(csrc / n) for n in KERNEL_NAMES)],
                  extra_cflags=CXX_FLAGS, extra_cuda_cflags=flags, extra_include_paths=[str(csrc)])
 
 
-def _write_if_changed(path: Path, text: str) -> None:
+def _write_if_changed(path: Path, data: bytes) -> None:
     """Rewrite only on change, so ninja's timestamps stay valid; atomic for parallel tests."""
-    if path.is_file() and path.read_text() == text:
+    if path.is_file() and path.read_bytes() == data:
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _stage(csrc: Path, stage: Path) -> None:
+    """Make ``stage`` hold a copy of the code in ``csrc`` (changed files only; files ``csrc``
+    no longer has are removed, so no stale header is ever compiled)."""
+    wanted = {rel for rel in source_files(csrc) if rel.suffix != ".md"}
+    for rel in wanted:
+        _write_if_changed(stage / rel, (csrc / rel).read_bytes())
+    for path in stage.rglob("*"):
+        if path.is_file() and path.relative_to(stage) not in wanted:
+            path.unlink()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path):
+    """Hold an exclusive lock on ``lock_file`` between processes (the OS drops it if the
+    holder dies). Without fcntl (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @functools.lru_cache(maxsize=None)
 def load_emulator(csrc: Path = CSRC):
     """The extension compiled for the CPU (``-DRAL_CPU_EMULATION``, g++ only), for tests.
 
-    g++ would not compile ``.cu`` files, and torch hands them to nvcc, so each source gets a
-    one-line ``.cpp`` wrapper that includes it. Ninja's depfiles follow the include, so an
-    edit of any ``.cu`` or header rebuilds what it touches."""
+    It compiles a copy of ``csrc`` staged in the extension dir, so that the command lines,
+    and with them the cached objects, do not depend on where the sources are installed: a
+    checkout and an installed wheel with the same sources share one build. g++ would not
+    compile ``.cu`` files, and torch hands them to nvcc, so each source gets a one-line
+    ``.cpp`` wrapper that includes it. Ninja's depfiles follow the include, so an edit of any
+    ``.cu`` or header rebuilds what it touches. A lock keeps processes with different
+    sources from building over each other."""
     why = emulator_unavailable_reason.__wrapped__(csrc)  # uncached: say what is wrong now
     if why is not None:
         raise _unavailable(why)
-    wrap_dir = _extensions_root() / f"{EMU_NAME}_src"
-    wrap_dir.mkdir(parents=True, exist_ok=True)
-    wrappers = []
-    for src in [csrc / "bindings.cpp", *(csrc / n for n in KERNEL_NAMES)]:
-        wrapper = wrap_dir / f"{src.stem}.cpp"
-        _write_if_changed(wrapper, f'#include "{src.resolve()}"\n')
-        wrappers.append(str(wrapper))
-    return _load("CPU emulator", name=EMU_NAME, sources=wrappers, extra_cflags=EMU_FLAGS,
-                 extra_include_paths=[str(csrc), str(csrc / "emu")], with_cuda=False)
+    root = _extensions_root() / f"{EMU_NAME}_src"
+    staged = root / "csrc"
+    with _exclusive(root / "lock"):
+        _stage(csrc, staged)
+        wrappers = []
+        for name in ("bindings.cpp", *KERNEL_NAMES):
+            wrapper = root / f"{Path(name).stem}.cpp"
+            _write_if_changed(wrapper, f'#include "csrc/{name}"\n'.encode())
+            wrappers.append(str(wrapper))
+        return _load("CPU emulator", renamed=(str(staged), str(csrc)), name=EMU_NAME, sources=wrappers,
+                     extra_cflags=EMU_FLAGS, extra_include_paths=[str(staged), str(staged / "emu")],
+                     with_cuda=False)

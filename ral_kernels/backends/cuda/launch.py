@@ -15,6 +15,7 @@ CPU emulator (``csrc/emu``), which is how the tests check them without a GPU.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -36,13 +37,28 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=None)
+def _emulator():
+    """The CPU emulator, set to check the shared-memory limit of the GPUs a build targets:
+    ``RAL_EMU_ARCH`` when set (the emulator reads it), else the most constrained arch of
+    ``RAL_CUDA_ARCHS`` (default "80;90": sm_80's 163 KiB per block)."""
+    from . import build as _cuda_build
+
+    ext = _cuda_build.load_emulator()
+    if not os.environ.get("RAL_EMU_ARCH"):
+        known = [a for a in (int(a.rstrip("af")) for a in _cuda_build.parse_archs()) if ext.emu_max_dyn_smem(a) > 0]
+        if known:
+            ext.emu_set_arch(min(known, key=ext.emu_max_dyn_smem))
+    return ext
+
+
 def _ext(device: torch.device):
     from . import build as _cuda_build
 
     if device.type == "cuda":
         return _cuda_build.load_extension()
     if emulation_enabled():
-        return _cuda_build.load_emulator()
+        return _emulator()
     raise RuntimeError(f"backend='cuda' needs CUDA tensors (got {device.type}); set RAL_CUDA_EMULATION=1 to run "
                        "the kernels in the CPU emulator")
 
@@ -65,6 +81,16 @@ def _prep(x: torch.Tensor, hd: int) -> torch.Tensor:
 
 def _kmask(key_mask):
     return None if key_mask is None else key_mask.contiguous()
+
+
+def _support_lse(q_rows, k, key_mask, cfg, first_row, tq, scale):
+    """The support's own log-sum-exp with ``exclude_self``. The kernels' support mass (a
+    ratio of two sums sharing one running max) underflows when a row's own key dominates by
+    more than ~87 nats, so until they hold that key out of the sweep this uses the torch
+    backend's sweep, which does."""
+    from ..torch import KERNELS as torch_kernels
+
+    return torch_kernels.policy_stats(q_rows, k, key_mask, cfg, first_row, tq, scale)[1]
 
 
 class CudaKernels(pipeline.Kernels):
@@ -99,7 +125,7 @@ class CudaKernels(pipeline.Kernels):
         track_self = cfg.exclude_self and n_old > 0
         mass = _alloc((b, hq, n_old), torch.float32, q.device) if track_self else None
         _ext(q.device).attn_fwd(q, k, v, out, lse, mass, _kmask(key_mask), tq, 0, r0, cfg.sm_scale, cfg.causal, track_self)
-        lse_s = lse[:, :, r0:] + torch.log(mass) if track_self else None
+        lse_s = _support_lse(q[:, :, r0:], k, key_mask, cfg, r0, tq, cfg.sm_scale) if track_self else None
         return out, lse, lse_s, None
 
     def policy_stats(self, q_rows, k, key_mask, cfg, first_row, tq, scale):
@@ -108,7 +134,9 @@ class CudaKernels(pipeline.Kernels):
         mass = _alloc((b, h, n), torch.float32, q_rows.device)
         _ext(q_rows.device).attn_fwd(q_rows, k, None, None, lse, mass, _kmask(key_mask), tq, first_row, first_row, scale,
                           cfg.causal, cfg.exclude_self)
-        return lse, lse + torch.log(mass)
+        if cfg.exclude_self:
+            return lse, _support_lse(q_rows, k, key_mask, cfg, first_row, tq, scale)
+        return lse, lse
 
     @staticmethod
     def _as_lse(off, groups, rows=None):

@@ -26,7 +26,8 @@ Passes (:mod:`ral_kernels.backends.pipeline`; ``R`` divergence rows = the last `
    partial row sums that the host adds (flash-decoding), so short responses still fill the
    GPU. No ``Tq x Tk`` value is ever written.
 3. ``_div_bwd_kernel`` (divergence rows only): forms ``p`` and ``r`` of a tile (pass over the
-   heads), then per head ``dS_h = w pi_h (g - E)`` into ``dq`` (the program's rows) and
+   heads, keeping each ``pi_h`` tile in a per-program scratch), then per head
+   ``dS_h = w pi_h (g - E)`` into ``dq`` (the program's rows) and
    ``dk`` (atomically; or, ``deterministic``, a key-major second launch that owns ``dk``),
    and the row sums ``A_h = sum_S pi_h g`` from which the host forms ``b_h``.
 4. ``_attn_bwd_kernel`` (key-major, one program per key block and KV head): the
@@ -129,24 +130,30 @@ def _load_cols(ptr, offs_n, Tk, offs_d, D, srow):
 
 
 @triton.jit
-def _div_terms(lp, lr, on, DIVERGENCE: tl.constexpr):
-    """Pointwise divergence terms ``t`` and ``p g`` from natural-log policies (see
-    ``_semantics.log_policy_terms``); zero where ``on`` is False.
-    DIVERGENCE: 0 = jsd, 1 = kl (old || new), 2 = reverse_kl (new || old)."""
-    lp = tl.where(on, lp, 0.0)
-    lr = tl.where(on, lr, 0.0)
-    p = tl.exp2(lp * LOG2E)
-    r = tl.exp2(lr * LOG2E)
+def _div_terms(p_hat, r_hat, on, DIVERGENCE: tl.constexpr):
+    """Pointwise divergence terms ``t`` and ``p g`` from the scaled policies ``p^ = p 2^S``,
+    ``r^`` (see ``_semantics.log_policy_terms``), with natural logs taken of the scaled
+    sums (exact where ``p`` underflows float32); zero where ``on`` is False.
+    DIVERGENCE: 0 = jsd, 1 = kl (old || new), 2 = reverse_kl (new || old).
+    Transcendentals per element: 3 logs (jsd) or 2 (kl, reverse kl), no exp."""
+    unscale = tl.exp2(-SCALE_LOG2)
+    p = p_hat * unscale
+    r = r_hat * unscale
+    # log p - log r and log p - log m without the 2^S scale (it cancels in the ratios).
+    # "== 0" rather than "> 0" tests below: a NaN policy (from a NaN input) stays NaN.
+    lp2 = tl.log2(tl.where(p_hat == 0, 1.0, p_hat))
+    lr2 = tl.log2(tl.where(r_hat == 0, 1.0, r_hat))
     if DIVERGENCE == 0:
-        lm = _logaddexp2(lp * LOG2E, lr * LOG2E) * LN2 - LN2
-        t = 0.5 * (p * (lp - lm) + r * (lr - lm))
-        pg = 0.5 * p * (lp - lm)
+        lm2 = tl.log2(tl.where(on, 0.5 * (p_hat + r_hat), 1.0))
+        t = 0.5 * LN2 * (tl.where(p_hat == 0, 0.0, p * (lp2 - lm2)) + tl.where(r_hat == 0, 0.0, r * (lr2 - lm2)))
+        pg = tl.where(p_hat == 0, 0.0, 0.5 * LN2 * p * (lp2 - lm2))
     elif DIVERGENCE == 1:
-        t = r * (lr - lp)
+        # r log(r / p); an underflowed p^ (p < ~2^-226) is clamped at the float32 minimum
+        t = tl.where(r_hat == 0, 0.0, r * (lr2 - tl.log2(tl.maximum(p_hat, 1.1754943508222875e-38))) * LN2)
         pg = -r
     else:
-        t = p * (lp - lr)
-        pg = p * (lp - lr + 1.0)
+        t = tl.where(p_hat == 0, 0.0, p * (lp2 - tl.log2(tl.maximum(r_hat, 1.1754943508222875e-38))) * LN2)
+        pg = tl.where(p_hat == 0, 0.0, p * ((lp2 - tl.log2(tl.maximum(r_hat, 1.1754943508222875e-38))) * LN2 + 1.0))
     return tl.where(on, t, 0.0), tl.where(on, pg, 0.0)
 
 
@@ -250,8 +257,8 @@ def _attn_fwd_kernel(
             q, m_i, l_i, acc, kl_acc, r_acc, k_base, v_base, qo, ko_base, offo2, b, offs_m, start_n + offs_n0,
             offs_d, offs_dv, offs_do, D, D_V, D_O, Tq, Tk, r0, skn, svn, sokn, qk_scale, oqk_scale, KMASK,
             True, CAUSAL, HAS_KMASK, HAS_V, HOLD_SELF, FUSED_KL, INPUT_PREC)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    lse_s2 = tl.where(l_i > 0, m_i + tl.log2(l_safe), NEG_INF)  # over the sweep's keys (the support, if held)
+    l_safe = tl.where(l_i == 0, 1.0, l_i)
+    lse_s2 = tl.where(l_i == 0, NEG_INF, m_i + tl.log2(l_safe))  # over the sweep's keys (the support, if held)
     lse2 = lse_s2
     out = acc / l_safe[:, None]
     if HOLD_SELF:  # merge each held row's own key back in: one row-wise dot
@@ -281,7 +288,7 @@ def _attn_fwd_kernel(
             dval = kl_acc * LN2 + (lse_s_nat - offo_nat) * r_acc
         else:
             dval = kl_acc / l_safe * LN2 - lse_s_nat + offo_nat
-        ok = div_row & (l_i > 0) & (offo2 != float("inf"))
+        ok = div_row & (l_i != 0) & (offo2 != float("inf"))  # NaN stays NaN
         tl.store(DIVF + pid_bh * R + rows_div, tl.where(ok, dval, 0.0), mask=div_row)
         tl.store(RMASS + pid_bh * R + rows_div, r_acc, mask=div_row)
 
@@ -290,18 +297,24 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _policy_sum(Q, K, OFF, b, grp, n_heads, GQA, sqb, sqh, sqm, skb, skh, skn, soffb, soffh,
-                offs_r, R, offs_n, offs_d, D, Tk, qk_scale, supp, INPUT_PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                offs_r, R, offs_n, offs_d, D, Tk, qk_scale, supp, SCR, INPUT_PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STORE: tl.constexpr):
     """``sum_h exp2(s2_h - off2_h + SCALE_LOG2)`` over the group's heads on a tile (``Q``
-    rows = cached rows ``offs_r``)."""
+    rows = cached rows ``offs_r``). ``STORE``: also keep each head's ``pi^_h`` tile in the
+    program's scratch ``SCR`` ``[n_heads, BLOCK_M, BLOCK_N]`` for a second pass over the
+    heads (so each head's scores and exponentials are formed once per tile)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     for hh in range(0, n_heads):
         h = grp * n_heads + hh
         q = _load_rows(Q + b * sqb + h * sqh, offs_r, R, offs_d, D, sqm)
         kt = _load_cols(K + b * skb + (h // GQA) * skh, offs_n, Tk, offs_d, D, skn)
         off2 = tl.load(OFF + b * soffb + h * soffh + offs_r, mask=offs_r < R, other=float("inf")) * LOG2E
         s = tl.dot(q, kt, input_precision=INPUT_PREC) * qk_scale
-        acc += tl.where(supp, tl.exp2(s - off2[:, None] + SCALE_LOG2), 0.0)
+        pi_hat = tl.where(supp, tl.exp2(s - off2[:, None] + SCALE_LOG2), 0.0)
+        acc += pi_hat
+        if STORE:
+            tl.store(SCR + hh * BLOCK_M * BLOCK_N + tile, pi_hat)
     return acc
 
 
@@ -309,11 +322,11 @@ def _policy_sum(Q, K, OFF, b, grp, n_heads, GQA, sqb, sqh, sqm, skb, skh, skn, s
 def _tile_policies(Q, K, OFF, QO, KO, OFFO, KMASK, b, grp, n_heads, n_old, GQA, GQA_OLD,
                    sqb, sqh, sqm, skb, skh, skn, soffb, soffh,
                    soqb, soqh, soqm, sokb, sokh, sokn, soffob, soffoh,
-                   offs_r, r0, offs_n, offs_d, offs_do, D, D_O, Tq, Tk, qk_scale, oqk_scale,
+                   offs_r, r0, offs_n, offs_d, offs_do, D, D_O, Tq, Tk, qk_scale, oqk_scale, SCR,
                    CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-                   INPUT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Support, scaled policies ``p^ = p 2^SCALE_LOG2`` and ``r^``, and their natural logs
-    (-inf off the support) on a tile of cached rows ``offs_r`` (positions ``r0 + offs_r``)."""
+                   INPUT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STORE: tl.constexpr):
+    """Support and scaled policies ``p^ = p 2^SCALE_LOG2``, ``r^`` on a tile of cached rows
+    ``offs_r`` (positions ``r0 + offs_r``); ``STORE`` keeps the current heads' ``pi^_h``."""
     R = Tq - r0
     offs_m = r0 + offs_r
     supp = _allowed(offs_m, offs_n, Tq, Tk, KMASK, b, CAUSAL, HAS_KMASK)
@@ -321,12 +334,11 @@ def _tile_policies(Q, K, OFF, QO, KO, OFFO, KMASK, b, grp, n_heads, n_old, GQA, 
         supp = supp & ~_is_self(offs_m, offs_n, Tq, Tk)
     # The current side's Q holds all Tq rows: its cached row r is row r0 + r.
     p_hat = _policy_sum(Q + r0 * sqm, K, OFF, b, grp, n_heads, GQA, sqb, sqh, sqm, skb, skh, skn, soffb, soffh,
-                        offs_r, R, offs_n, offs_d, D, Tk, qk_scale, supp, INPUT_PREC, BLOCK_M, BLOCK_N)
+                        offs_r, R, offs_n, offs_d, D, Tk, qk_scale, supp, SCR, INPUT_PREC, BLOCK_M, BLOCK_N, STORE)
     r_hat = _policy_sum(QO, KO, OFFO, b, grp, n_old, GQA_OLD, soqb, soqh, soqm, sokb, sokh, sokn, soffob, soffoh,
-                        offs_r, R, offs_n, offs_do, D_O, Tk, oqk_scale, supp, INPUT_PREC, BLOCK_M, BLOCK_N)
-    lp = tl.where(p_hat > 0, (tl.log2(tl.where(p_hat > 0, p_hat, 1.0)) - SCALE_LOG2) * LN2, NEG_INF)
-    lr = tl.where(r_hat > 0, (tl.log2(tl.where(r_hat > 0, r_hat, 1.0)) - SCALE_LOG2) * LN2, NEG_INF)
-    return supp, p_hat, r_hat, lp, lr
+                        offs_r, R, offs_n, offs_do, D_O, Tk, oqk_scale, supp, SCR, INPUT_PREC, BLOCK_M, BLOCK_N,
+                        False)
+    return supp, p_hat, r_hat
 
 
 @triton.jit
@@ -358,16 +370,16 @@ def _div_fwd_kernel(
     lo = pid_s * split_keys
     hi = tl.minimum(lo + split_keys, _key_end(r0 + (pid_m + 1) * BLOCK_M, Tq, Tk, CAUSAL))
     for start_n in range(lo, hi, BLOCK_N):
-        supp, p_hat, r_hat, lp, lr = _tile_policies(
+        supp, p_hat, r_hat = _tile_policies(
             Q, K, OFF, QO, KO, OFFO, KMASK, b, grp, n_heads, n_old, GQA, GQA_OLD,
             sqb, sqh, sqm, skb, skh, skn, soffb, soffh, soqb, soqh, soqm, sokb, sokh, sokn, soffob, soffoh,
-            offs_r, r0, start_n + offs_n0, offs_d, offs_do, D, D_O, Tq, Tk, qk_scale, oqk_scale,
-            CAUSAL, HAS_KMASK, EXCLUDE_SELF, INPUT_PREC, BLOCK_M, BLOCK_N)
-        on = supp & ((p_hat > 0) | (r_hat > 0))
-        t, pg = _div_terms(lp, lr, on, DIVERGENCE)
+            offs_r, r0, start_n + offs_n0, offs_d, offs_do, D, D_O, Tq, Tk, qk_scale, oqk_scale, DIV,
+            CAUSAL, HAS_KMASK, EXCLUDE_SELF, INPUT_PREC, BLOCK_M, BLOCK_N, False)
+        on = supp & ~((p_hat == 0) & (r_hat == 0))
+        t, pg = _div_terms(p_hat, r_hat, on, DIVERGENCE)
         d_acc += tl.sum(t, axis=1)
         e_acc += tl.sum(pg, axis=1)
-        r_acc += tl.sum(tl.where(supp, tl.exp2(lr * LOG2E), 0.0), axis=1)
+        r_acc += tl.sum(r_hat, axis=1) * tl.exp2(-SCALE_LOG2)
     out = pid_s * s_split + pid_bg * R + offs_r
     row_ok = offs_r < R
     tl.store(DIV + out, d_acc, mask=row_ok)
@@ -377,7 +389,7 @@ def _div_fwd_kernel(
 
 @triton.jit
 def _div_bwd_kernel(
-    Q, K, OFF, QO, KO, OFFO, KMASK, E, W, A, DQ, DK,
+    Q, K, OFF, QO, KO, OFFO, KMASK, E, W, A, DQ, DK, SCR,
     sm_scale, qk_scale, oqk_scale, Tq, Tk, r0, GROUPS, n_heads, n_old, GQA, GQA_OLD, HK, split_keys,
     sqb, sqh, sqm, skb, skh, skn, soffb, soffh,
     soqb, soqh, soqm, sokb, sokh, sokn, soffob, soffoh,
@@ -394,7 +406,12 @@ def _div_bwd_kernel(
     and the row sums ``A_h = sum_S pi_h g``. Key-major (the deterministic second launch):
     program = (key block, batch x owner), the owner being the whole batch ("mean") or one KV
     head ("none"); it owns ``dk`` of its key block. ``DQ``/``DK`` are float32 buffers
-    ``[.., BLOCK_D]``-padded."""
+    ``[.., BLOCK_D]``-padded. ``SCR``: per program, ``[n_heads, BLOCK_M, BLOCK_N]`` float32
+    scratch that carries each head's ``pi^_h`` from the pass that sums the policy to the
+    pass that forms the gradient (O(tile) per program, never ``Tq x Tk``)."""
+    prog = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    scr = SCR + prog.to(tl.int64) * n_heads * BLOCK_M * BLOCK_N
+    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     R = Tq - r0
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -438,15 +455,16 @@ def _div_bwd_kernel(
             n_end = tl.minimum(n_hi, _key_end(r0 + start_m + BLOCK_M, Tq, Tk, CAUSAL))
             for start_n in range(n_lo, n_end, BLOCK_N):
                 offs_n = start_n + offs_n0
-                supp, p_hat, r_hat, lp, lr = _tile_policies(
+                supp, p_hat, r_hat = _tile_policies(
                     Q, K, OFF, QO, KO, OFFO, KMASK, b, grp, n_heads, n_old, GQA, GQA_OLD,
                     sqb, sqh, sqm, skb, skh, skn, soffb, soffh, soqb, soqh, soqm, sokb, sokh, sokn, soffob, soffoh,
-                    offs_r, r0, offs_n, offs_d, offs_do, D, D_O, Tq, Tk, qk_scale, oqk_scale,
-                    CAUSAL, HAS_KMASK, EXCLUDE_SELF, INPUT_PREC, BLOCK_M, BLOCK_N)
-                on = supp & ((p_hat > 0) | (r_hat > 0))
-                _, pg = _div_terms(lp, lr, on, DIVERGENCE)
+                    offs_r, r0, offs_n, offs_d, offs_do, D, D_O, Tq, Tk, qk_scale, oqk_scale, scr,
+                    CAUSAL, HAS_KMASK, EXCLUDE_SELF, INPUT_PREC, BLOCK_M, BLOCK_N, True)
+                tl.debug_barrier()  # the pi^_h tiles in scratch are read back by other threads
+                on = supp & ~((p_hat == 0) & (r_hat == 0))
+                _, pg = _div_terms(p_hat, r_hat, on, DIVERGENCE)
                 # pi_h g = pi^_h * (p g / p^); with E: dS_h = w pi^_h (p g / p^ - E 2^-SCALE)
-                coef = tl.where(p_hat > 0, pg / tl.where(p_hat > 0, p_hat, 1.0), 0.0)
+                coef = tl.where(p_hat == 0, 0.0, pg / tl.where(p_hat == 0, 1.0, p_hat))
                 gam = coef - e[:, None] * tl.exp2(-SCALE_LOG2)
                 for hh in range(0, n_heads):
                     h = grp * n_heads + hh
@@ -455,9 +473,7 @@ def _div_bwd_kernel(
                     k_ptr = K + b * skb + kv * skh
                     q = _load_rows(q_ptr, offs_r, R, offs_d, D, sqm)
                     kt = _load_cols(k_ptr, offs_n, Tk, offs_d, D, skn)
-                    off2 = tl.load(OFF + b * soffb + h * soffh + offs_r, mask=row_ok, other=float("inf")) * LOG2E
-                    s = tl.dot(q, kt, input_precision=INPUT_PREC) * qk_scale
-                    pi_hat = tl.where(supp, tl.exp2(s - off2[:, None] + SCALE_LOG2), 0.0)
+                    pi_hat = tl.load(scr + hh * BLOCK_M * BLOCK_N + tile)
                     ds = pi_hat * gam * w[:, None] * sm_scale
                     if KEY_MAJOR:
                         dk_ptr = DK + ((b * HK + kv) * Tk + offs_n[:, None]) * BLOCK_D + offs_d[None, :]
@@ -477,6 +493,7 @@ def _div_bwd_kernel(
                                      mask=row_ok[:, None])
                         a_ptr = A + (b * GROUPS * n_heads + h) * R + offs_r
                         tl.atomic_add(a_ptr, tl.sum(pi_hat * coef, axis=1), mask=row_ok)
+                tl.debug_barrier()  # the next tile's pass may overwrite the scratch only after these reads
 
 
 # --------------------------------------------------------------------------- attention backward
@@ -648,8 +665,7 @@ def _attn_bwd_dq_kernel(
     v_base = V + b * svb + g * svh
     rows = offs_m - r0
     rv = (rows >= 0) & (offs_m < Tq)
-    has_div = FUSED_KL != 0
-    if has_div:
+    if FUSED_KL != 0:
         qo = _load_rows(QO + b * soqb + h * soqh, tl.maximum(rows, 0), tl.where(rows >= 0, R, 0), offs_do, D_O, soqm)
         ko_base = KO + b * sokb + (h // GQA_OLD) * sokh
         off2 = tl.load(OFF + pid_bh * R + rows, mask=rv, other=float("inf")) * LOG2E
@@ -667,7 +683,7 @@ def _attn_bwd_dq_kernel(
         vt = _load_cols(v_base, offs_n, Tk, offs_dv, D_V, svn)
         dp = tl.dot(do, vt, input_precision=INPUT_PREC)
         ds = p * (dp - delta[:, None])
-        if has_div:
+        if FUSED_KL != 0:
             if (pid_m + 1) * BLOCK_M > r0:
                 kot = _load_cols(ko_base, offs_n, Tk, offs_do, D_O, sokn)
                 so = tl.dot(qo, kot, input_precision=INPUT_PREC) * oqk_scale

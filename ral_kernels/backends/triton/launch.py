@@ -2,14 +2,16 @@
 
 :class:`TritonKernels` implements the passes of :mod:`ral_kernels.backends.pipeline`
 (which strings them together with the per-row glue); every kernel is launched by keyword.
-Tile sizes come from a short per-architecture list of ``triton.Config``s, autotuned on a
-GPU; Triton's interpreter (``TRITON_INTERPRET=1``, the CPU tests) runs one small tile.
+Tile sizes come from a short per-architecture, per-pass table (:func:`tile_configs`: a
+default and alternates to time on a GPU, ``RAL_TRITON_TILES``); Triton's interpreter
+(``TRITON_INTERPRET=1``, the CPU tests) runs one small tile.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -53,21 +55,42 @@ class Tile(NamedTuple):
 INTERPRETER_TILE = Tile(16, 16, 4, 1)
 
 
-def tile_configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> list[Tile]:
-    """The configurations the GPU dispatcher may pick for a (padded) head dim, dtype and
-    compute capability (e.g. 80, 86, 89, 90); the first is the default, the rest are tried
-    by the autotuner. Every one is compiled by the compile check (``tools.compile_check``)
-    and must fit the arch's shared memory without register spills."""
-    small_smem = arch in (86, 89)  # 99 KB of shared memory per block
-    if dtype == torch.float32 or head_dim > 128:
-        cands = [Tile(32, 32, 4, 1), Tile(64, 32, 8, 1)]
-        if head_dim > 128 and dtype == torch.float32:
+KINDS = ("fwd", "bwd", "div")  # attention forward / statistics, attention backward, divergence passes
+
+
+def tile_configs(head_dim: int, dtype: torch.dtype, arch: int = 90, kind: str = "fwd") -> list[Tile]:
+    """The configurations the GPU dispatcher may pick for one kind of pass, a (padded) head
+    dim, dtype and compute capability (80, 86, 89, 90). The dispatcher launches the first;
+    the others are the candidates to time when tuning on a GPU (``RAL_TRITON_TILES``). The
+    compile check (``tools.compile_check``; ``--alternates`` for all of them) requires no
+    register spills and each arch's shared memory: the backward keeps dK and dV of its key
+    block in registers, so its tiles are the smallest; sm_86 / sm_89 (99 KB of shared
+    memory per block) get single-stage pipelines."""
+    wide = dtype == torch.float32 or head_dim > 128
+    if kind == "fwd":
+        if wide:
+            cands = [Tile(32, 32, 4, 1), Tile(64, 32, 8, 1)]
+        elif head_dim > 64:
+            cands = [Tile(64, 64, 8, 2), Tile(64, 32, 4, 2)]
+        else:
+            cands = [Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)]
+    elif kind == "bwd":
+        if wide:
+            cands = [Tile(16, 32, 4, 1), Tile(16, 16, 4, 1)]
+        elif head_dim > 64:
+            cands = [Tile(32, 32, 8, 1), Tile(16, 32, 4, 1)]
+        else:
+            cands = [Tile(32, 64, 4, 1), Tile(32, 32, 4, 1)]
+    elif kind == "div":
+        if wide:
+            cands = [Tile(16, 32, 4, 1), Tile(32, 32, 8, 1)]
+        elif head_dim > 64:
             cands = [Tile(32, 32, 4, 1), Tile(32, 32, 8, 1)]
-    elif head_dim > 64:
-        cands = [Tile(64, 64, 8, 2), Tile(64, 32, 4, 2), Tile(128, 32, 8, 2)]
+        else:
+            cands = [Tile(64, 64, 4, 1), Tile(32, 32, 4, 1)]
     else:
-        cands = [Tile(64, 64, 4, 2), Tile(128, 64, 8, 2), Tile(64, 32, 4, 3)]
-    if small_smem:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if arch in (86, 89):
         cands = [t._replace(num_stages=1) for t in cands]
     return cands
 
@@ -78,10 +101,46 @@ def _arch(device_index: int) -> int:
     return 10 * major + minor
 
 
-def _tile(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tile:
+# What the work counter (tools/work.py) makes the interpreter launch: a GPU's tile and SM
+# count, so that the counted work is the work a GPU would execute.
+_SIMULATED: dict = {}
+
+
+@contextlib.contextmanager
+def simulate_gpu(tile: Tile, num_sms: int):
+    """Launch with ``tile`` and key splits sized for ``num_sms`` SMs (interpreter runs)."""
+    _SIMULATED.update(tile=tile, num_sms=num_sms)
+    try:
+        yield
+    finally:
+        _SIMULATED.clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_overrides(spec: str) -> dict:
+    """``RAL_TRITON_TILES="fwd=64x64x8x2,bwd=32x32x8x1"``: a kind's tile (BLOCK_M x BLOCK_N
+    x warps x stages), for tuning runs on a GPU."""
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, dims = item.partition("=")
+        try:
+            vals = [int(x) for x in dims.split("x")]
+            if kind not in KINDS or len(vals) != 4:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"RAL_TRITON_TILES: cannot read {item!r}; expected KIND=MxNxWARPSxSTAGES with KIND one "
+                             f"of {KINDS}, e.g. bwd=32x32x8x1") from None
+        out[kind] = Tile(*vals)
+    return out
+
+
+def _tile(head_dim: int, dtype: torch.dtype, device: torch.device, kind: str) -> Tile:
+    if _SIMULATED:
+        return _SIMULATED["tile"]
     if interpreting() or device.type != "cuda":
         return INTERPRETER_TILE
-    return tile_configs(head_dim, dtype, _arch(device.index or 0))[0]
+    override = _tile_overrides(os.environ.get("RAL_TRITON_TILES", "")).get(kind)
+    return override or tile_configs(head_dim, dtype, _arch(device.index or 0), kind)[0]
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -89,6 +148,8 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def _num_sms(device: torch.device) -> int:
+    if _SIMULATED:
+        return _SIMULATED["num_sms"]
     if device.type != "cuda":
         return 4  # the interpreter: enough programs to exercise the key splits
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -127,9 +188,9 @@ class TritonKernels(pipeline.Kernels):
 
     # ------------------------------------------------------------------ common launch arguments
     @staticmethod
-    def _launch(q, v, q_old):
+    def _launch(q, v, q_old, kind: str):
         bd, bdv, bdo = _pow2(q.shape[-1]), _pow2(v.shape[-1]), _pow2(q_old.shape[-1])
-        tile = _tile(max(bd, bdv, bdo), q.dtype, q.device)
+        tile = _tile(max(bd, bdv, bdo), q.dtype, q.device, kind)
         consts = dict(BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, INPUT_PREC=_prec(q.dtype),
                       num_warps=tile.num_warps, num_stages=tile.num_stages)
         return tile, dict(BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_DO=bdo), consts
@@ -143,7 +204,7 @@ class TritonKernels(pipeline.Kernels):
         dev = q.device
         dv_dim = v.shape[-1] if v is not None else d
         q_old, k_old, off_old = old if old is not None else (q, k, None)
-        tile, dims, consts = self._launch(q, v if v is not None else q, q_old)
+        tile, dims, consts = self._launch(q, v if v is not None else q, q_old, "fwd")
         km, has_km = _kmask(key_mask, q)
         out = _alloc((b, h, n, dv_dim), q.dtype, dev) if v is not None else q
         lse = _alloc((b, h, n), torch.float32, dev)
@@ -177,7 +238,7 @@ class TritonKernels(pipeline.Kernels):
         hk, tk = k.shape[1], k.shape[2]
         ho, hko = q_old.shape[1], k_old.shape[1]
         groups = cfg.groups(hq)
-        tile, dims, consts = self._launch(q, q, q_old)
+        tile, dims, consts = self._launch(q, q, q_old, "div")
         dims.pop("BLOCK_DV")
         km, has_km = _kmask(key_mask, q)
         args = dict(Q=q, K=k, OFF=off, QO=q_old, KO=k_old, OFFO=off_old, KMASK=km,
@@ -226,13 +287,17 @@ class TritonKernels(pipeline.Kernels):
             splits, split_keys = self._splits(tile, row_blocks * b * groups, tk, q.device)
         common = dict(args, E=e_stat.contiguous(), W=w, A=a_stat, DQ=dq, DK=dk, sm_scale=cfg.sm_scale, HK=hk,
                       split_keys=split_keys, PER_HEAD=groups > 1)
+        tile_floats = (hq // groups) * tile.BLOCK_M * tile.BLOCK_N
+
+        def launch(grid, **flags):
+            scratch = torch.empty(math.prod(grid) * tile_floats, dtype=torch.float32, device=q.device)
+            kern._div_bwd_kernel[grid](**common, SCR=scratch, **flags)
+
         # Row-major: dq of its rows (atomically across key splits) and A_h; dk atomically,
         # or, deterministic, from a key-major launch that owns each key block.
-        kern._div_bwd_kernel[(row_blocks, b * groups, splits)](
-            **common, KEY_MAJOR=False, ATOMIC=not cfg.deterministic)
+        launch((row_blocks, b * groups, splits), KEY_MAJOR=False, ATOMIC=not cfg.deterministic)
         if cfg.deterministic:
-            owners = b * (hk if groups > 1 else 1)
-            kern._div_bwd_kernel[(triton.cdiv(tk, tile.BLOCK_N), owners, 1)](**common, KEY_MAJOR=True, ATOMIC=False)
+            launch((triton.cdiv(tk, tile.BLOCK_N), b * (hk if groups > 1 else 1), 1), KEY_MAJOR=True, ATOMIC=False)
         return a_stat
 
     # ------------------------------------------------------------------ attention backward
@@ -250,7 +315,7 @@ class TritonKernels(pipeline.Kernels):
         hk, tk = k.shape[1], k.shape[2]
         fused = old is not None
         q_old, k_old, off, off_old, w, div_rows = old if fused else (q, k, lse, lse, lse, lse)
-        tile, dims, consts = self._launch(q, v, q_old)
+        tile, dims, consts = self._launch(q, v, q_old, "bwd")
         km, has_km = _kmask(key_mask, q)
         args = dict(Q=q, K=k, V=v, DO=dout, LSE=lse.contiguous(), DELTA=delta, KMASK=km, QO=q_old, KO=k_old,
                     OFF=off, OFFO=off_old, W=w, DIVR=div_rows,
@@ -275,3 +340,77 @@ def fwd(q, k, v, q_old, k_old, lse_old, query_mask, key_mask, cfg):
 
 def bwd(dout, ddiv, q, k, v, q_old, k_old, out, div, stats, key_mask, cfg):
     return pipeline.backward(KERNELS, dout, ddiv, q, k, v, q_old, k_old, out, div, stats, key_mask, cfg)
+
+
+# --------------------------------------------------------------------------- compile checks
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_INPUT_PTRS = {"Q", "K", "V", "O", "QO", "KO", "DO"}
+# Integer arguments that are counts of heads or row offsets: the JIT specializes on their
+# value (1, or divisible by 16) only by chance, so the compile check gives them no hint.
+_SMALL_INTS = {"H", "HQ", "HK", "GQA", "GQA_OLD", "GROUPS", "n_heads", "n_old", "r0", "pos0"}
+_UPPER_INTS = {"H", "HQ", "HK", "GQA", "GQA_OLD", "GROUPS", "D", "D_V", "D_O", "Tq", "Tk"}
+# (dtype, padded head dim) pairs the check compiles: fp16 generates bf16's code except at
+# the smallest head dims.
+COMPILE_MATRIX = [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 64),
+                  (torch.float32, 128), (torch.float32, 256), (torch.float16, 16), (torch.float16, 32)]
+
+
+def _signature_and_hints(fn, dtype: torch.dtype, aligned: bool):
+    """The signature ``triton.compile`` takes and the ``tt.divisibility`` hints the runtime
+    JIT would attach for 16-byte-aligned tensors and strides / lengths divisible by 16."""
+    sig, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            continue
+        if p.name in _INPUT_PTRS:
+            sig[p.name] = "*" + _TRITON_DTYPE[dtype]
+        elif p.name == "KMASK":
+            sig[p.name] = "*u8"
+        elif p.name.isupper() and p.name not in _UPPER_INTS:
+            sig[p.name] = "*fp32"
+        elif "scale" in p.name:
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+        hinted = sig[p.name].startswith("*") or (sig[p.name] == "i32" and p.name not in _SMALL_INTS)
+        if aligned and hinted and p.name != "KMASK":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def kernel_specs(arch: int, aligned: bool = True, alternates: bool = False):
+    """Every kernel configuration the GPU dispatcher launches on ``arch`` (with
+    ``alternates``, also the other tiles of :func:`tile_configs`, for tuning on a GPU), as
+    ``(label, kernel, signature, constexprs, attrs, options)`` for
+    ``triton.compile(ASTSource(...), target=...)`` (no GPU needed). ``aligned``: with the
+    divisibility hints the runtime JIT attaches for aligned tensors and lengths (a
+    different kernel than without them: the one a GPU runs in practice).
+
+    Kernels are compiled with their heaviest flags (masks, exclude_self, the fused per-head
+    KL) as well as their common plain form."""
+    kernels = [
+        ("fwd", "fwd", kern._attn_fwd_kernel, dict(HAS_V=True, HOLD_SELF=False, FUSED_KL=0)),
+        ("fwd-self-rkl", "fwd", kern._attn_fwd_kernel, dict(HAS_V=True, HOLD_SELF=True, FUSED_KL=2)),
+        ("stats", "fwd", kern._attn_fwd_kernel, dict(HAS_V=False, HOLD_SELF=True, FUSED_KL=0)),
+        ("div-fwd-jsd", "div", kern._div_fwd_kernel, dict(DIVERGENCE=0)),
+        ("div-bwd-atomic", "div", kern._div_bwd_kernel,
+         dict(KEY_MAJOR=False, ATOMIC=True, DIVERGENCE=0, PER_HEAD=False)),
+        ("div-bwd-keys", "div", kern._div_bwd_kernel, dict(KEY_MAJOR=True, ATOMIC=False, DIVERGENCE=1, PER_HEAD=True)),
+        ("bwd", "bwd", kern._attn_bwd_kernel, dict(ATOMIC_DQ=True, FUSED_KL=0)),
+        ("bwd-rkl", "bwd", kern._attn_bwd_kernel, dict(ATOMIC_DQ=True, FUSED_KL=2)),
+        ("bwd-dq", "bwd", kern._attn_bwd_dq_kernel, dict(FUSED_KL=1)),
+    ]
+    jobs = [(dt, hd, tile, name, fn, flags) for name, kind, fn, flags in kernels for dt, hd in COMPILE_MATRIX
+            for tile in tile_configs(hd, dt, arch, kind)[:None if alternates else 1]]
+    for dtype, hd, tile, name, fn, flags in jobs:
+        names = {p.name for p in fn.params}
+        const = {"CAUSAL": True, "HAS_KMASK": True, "EXCLUDE_SELF": True, "INPUT_PREC": _prec(dtype),
+                 "BLOCK_M": tile.BLOCK_M, "BLOCK_N": tile.BLOCK_N, "BLOCK_D": hd, "BLOCK_DV": hd,
+                 "BLOCK_DO": hd, **flags}
+        const = {k: v for k, v in const.items() if k in names}
+        sig, attrs = _signature_and_hints(fn, dtype, aligned)
+        label = (f"{name}-{_TRITON_DTYPE[dtype]}-d{hd}-{tile.BLOCK_M}x{tile.BLOCK_N}-w{tile.num_warps}"
+                 f"-s{tile.num_stages}")
+        yield label, fn, sig, const, attrs, {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
