@@ -31,6 +31,20 @@ def implementation(name: str):
     return importlib.import_module(_MODULES[name])
 
 
+# Where each backend keeps its kernel set (the pipeline's passes, ``KERNELS``).
+_KERNEL_SETS = {"torch": "ral_kernels.backends.torch", "triton": "ral_kernels.backends.triton.launch",
+                "cuda": "ral_kernels.backends.cuda.launch"}
+
+
+def kernel_set(name: str):
+    """The kernel set (a :class:`~ral_kernels.backends.pipeline.Kernels`) behind
+    ``backend=name``, for callers that string the passes together themselves (e.g.
+    :mod:`ral_kernels.sequence_parallel`)."""
+    if name not in _KERNEL_SETS:
+        raise ValueError(f"no kernel set registered for backend {name!r}")
+    return importlib.import_module(_KERNEL_SETS[name]).KERNELS
+
+
 def _triton_reason(device: torch.device, dtype, head_dim: int) -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "the `triton` package is not installed (pip install triton)"

@@ -90,6 +90,23 @@ class Kernels:
         """Gradients in the inputs' dtypes and shapes (``q, k, v``: the original inputs)."""
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
+    def coupling_bwd(self, q, k, lse, wb, key_mask, cfg, dq, dk):
+        """The divergence's coupling term on every row of ``q`` (prepared rows, all of them
+        divergence rows): ``dS_hj = -alpha_hj wb_h`` with ``alpha_h = exp(s_h - lse_h)`` the
+        attention probabilities over the allowed keys and ``wb = w b_h`` ``[B, Hq, R]``,
+        added to ``dq`` and ``dk`` (buffers of :meth:`new_grads`).
+
+        The single-process :func:`backward` folds this term into the attention backward's
+        ``delta_eff``; a caller that does not own the attention backward (sequence
+        parallelism, where the engine's attention computes ``out``) runs it here. This
+        default is that attention backward with a zero ``dout`` (so ``dS = -alpha delta``);
+        a backend may override it with a pass that skips the ``dO V^T`` and ``dV`` work."""
+        b, hq, n, hd = q.shape
+        v = q.new_zeros(b, k.shape[1], k.shape[2], hd)
+        _, _, dv = self.new_grads(q, k, v)
+        dout = self.prepare_dout(q.new_zeros(b, hq, n, hd), q)
+        self.attn_bwd(q, k, v, dout, lse, wb.contiguous(), key_mask, cfg, 0, dq, dk, dv)
+
 
 def uses_fused_kl(kernels, cfg: OpConfig) -> bool:
     return bool(getattr(kernels, "fused_kl", False)) and cfg.head_reduction == "none" and cfg.divergence != "jsd"

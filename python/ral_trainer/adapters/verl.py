@@ -276,8 +276,9 @@ class RALVerlAdapter:
     Raises:
         UnsupportedVersionError: verl outside :data:`VERL_RANGE` (at import).
         UnsupportedArchitectureError: the model's attention cannot be patched.
-        PatchError: settings the adapter cannot honour (Ulysses sequence parallelism,
-            ``pad_to_length``, an engine that is not an LM-head FSDP engine).
+        PatchError: settings the adapter cannot honour (``pad_to_length``, an engine that is
+            not an LM-head FSDP engine). Ulysses sequence parallelism is supported
+            (:mod:`ral_trainer.adapters.verl_sp`).
     """
 
     def __init__(self, engine, config: Optional[RALVerlConfig] = None, **kwargs):
@@ -291,10 +292,6 @@ class RALVerlAdapter:
         if not isinstance(engine, FSDPEngineWithLMHead):
             raise PatchError(f"RAL: the verl adapter hooks FSDPEngineWithLMHead (the actor engine of verl "
                              f"{VERL_RANGE} with strategy fsdp/fsdp2), got {type(engine).__name__}")
-        if getattr(engine, "use_ulysses_sp", False):
-            raise PatchError("RAL: Ulysses sequence parallelism (ulysses_sequence_parallel_size > 1) splits each "
-                             "sequence's keys across ranks; the attention term needs them on one rank. Set "
-                             "ulysses_sequence_parallel_size=1")
         if getattr(engine, "pad_to_length", False):
             raise PatchError("RAL: engine.pad_to_length appends a pad segment to the packed row; disable it")
         if getattr(engine, "module", None) is None:
@@ -305,6 +302,11 @@ class RALVerlAdapter:
         self.routed_layers = route_verl_attention(self.model)
         self.patch = patch_model(self.model, config.attention_layers, backend=config.attention_backend,
                                  allow_unlisted=config.attention_allow_unlisted)
+        self._sp = None  # Ulysses sequence parallelism (ulysses_sequence_parallel_size > 1): verl_sp
+        if getattr(engine, "use_ulysses_sp", False):
+            from .verl_sp import VerlUlysses
+
+            self._sp = VerlUlysses(engine, self.patch)
         self._store: dict = {}  # (length, token bytes) -> {layer: (q_rows [Ho, n, D], k [Hk, L, D])}
         self._sm_scale: dict = {}
         self._no_capture = 0
@@ -374,6 +376,8 @@ class RALVerlAdapter:
     def _store_capture(self, old: Optional[OldPolicy], layout: _BatchLayout):
         if old is None:
             raise PatchError("RAL: verl's log-prob forward did not reach the patched attention layer(s)")
+        if self._sp is not None:
+            return self._sp.store_capture(old, layout, self._store, self._sm_scale)
         t, r = layout.width, layout.num_rows
         per_seq = [dict() for _ in layout.lengths]
         for li, cap in old.layers.items():
@@ -391,15 +395,20 @@ class RALVerlAdapter:
         for key, caps in zip(layout.keys(), per_seq):
             self._store[key] = caps
 
-    def _old_for(self, layout: _BatchLayout, device) -> OldPolicy:
-        t, r, b = layout.width, layout.num_rows, len(layout.lengths)
+    def _captures(self, layout: _BatchLayout) -> list:
         missing = [i for i, key in enumerate(layout.keys()) if key not in self._store]
         if missing:
             raise PatchError(
-                f"RAL: {len(missing)} of {b} sequences of this update micro-batch have no captured old-policy "
-                "attention: the actor's compute_log_prob pass must run (through this adapter's engine) on the same "
-                "batch before update_actor. Recompute old log-probs with the actor (not the rollout's log-probs)")
-        caps = [self._store[key] for key in layout.keys()]
+                f"RAL: {len(missing)} of {len(layout.lengths)} sequences of this update micro-batch have no captured "
+                "old-policy attention: the actor's compute_log_prob pass must run (through this adapter's engine) on "
+                "the same batch before update_actor. Recompute old log-probs with the actor (not the rollout's log-probs)")
+        return [self._store[key] for key in layout.keys()]
+
+    def _old_for(self, layout: _BatchLayout, device) -> OldPolicy:
+        t, r, b = layout.width, layout.num_rows, len(layout.lengths)
+        caps = self._captures(layout)
+        if self._sp is not None:
+            return self._sp.old_for(layout, caps, self._sm_scale, self.patch.layers, device)
         km = layout.key_mask(device)
         layers = {}
         for li in self.patch.layers:
@@ -420,12 +429,17 @@ class RALVerlAdapter:
         dev = micro_batch["input_ids"].values().device
         old = self._old_for(layout, dev)
         rows = layout.row_mask(layout.offsets[-1], dev)
+        if self._sp is not None:
+            rows = self._sp.local_rows(rows)
         cfg = self.config
         state = {}
 
         def loss_fn(model_output, data, dp_group=None):
             loss, metrics = loss_function(model_output=model_output, data=data, dp_group=dp_group)
-            term, div_mean, agg = self._term(state["upd"].divergence, data, layout, loss_function)
+            div = state["upd"].divergence
+            if self._sp is not None:  # this rank's rows -> the micro-batch's (as verl gathers the log-probs)
+                div = self._sp.gather(div, layout.offsets[-1])
+            term, div_mean, agg = self._term(div, data, layout, loss_function)
             loss = loss + cfg.ral_coef * term.to(loss.dtype)
             metrics = dict(metrics)
             metrics["actor/ral_attention_loss"] = Metric(value=term.detach(), aggregation=agg)
