@@ -113,3 +113,22 @@ def test_fa2_reference_work_by_hand():
     w = fa2_work(1, 2, 128, 128, 32, 32, 64, 64)
     assert w["fwd_flops"] == 3 * 2 * 2 * 64 * 64 * 64  # 3 tiles x 2 heads x (QK^T + PV)
     assert w["bwd_flops"] == 3 * 2 * 2 * 64 * 64 * (3 * 32 + 2 * 32)
+
+
+def test_gpu_head_dim_limits_are_named_and_every_pass_has_a_tile():
+    """On a GPU the dispatcher only takes head dims whose tiles compile without spills
+    (test_triton_compile checks them); beyond, the backend says why instead of spilling."""
+    from ral_kernels.backends import _triton_reason
+    from ral_kernels.backends.triton.launch import KINDS, tile_configs
+
+    gpu = torch.device("cuda")
+    assert _triton_reason(gpu, torch.bfloat16, 128) is None and _triton_reason(gpu, torch.float32, 64) is None
+    assert "up to 128" in _triton_reason(gpu, torch.bfloat16, 256)
+    assert "up to 64" in _triton_reason(gpu, torch.float32, 128)
+    for arch in (80, 86, 89, 90, 100):
+        for kind in KINDS:
+            for dtype, hd in ((torch.float16, 16), (torch.bfloat16, 128), (torch.float32, 64)):
+                (tile,) = tile_configs(hd, dtype, arch, kind)
+                assert tile.num_stages == 1 or arch not in (86, 89)
+    with pytest.raises(ValueError, match="no GPU tile for head dim 128"):
+        tile_configs(128, torch.float32, 90, "fwd")

@@ -52,11 +52,15 @@ def _triton_reason(device: torch.device, dtype, head_dim: int) -> Optional[str]:
         return (f"Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 before "
                 "importing triton to interpret them on the CPU)")
     from .triton import MAX_HEAD_DIM, SUPPORTED_DTYPES
+    from .triton.launch import gpu_head_dim_limit
 
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         return f"the Triton kernels take float16, bfloat16 or float32 inputs, got {dtype}"
     if head_dim > MAX_HEAD_DIM:
         return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got {head_dim}"
+    if device.type == "cuda" and dtype is not None and head_dim > gpu_head_dim_limit(dtype):
+        return (f"on a GPU the Triton kernels take head dims up to {gpu_head_dim_limit(dtype)} in {dtype} "
+                f"(larger tiles spill registers), got {head_dim}")
     return None
 
 

@@ -87,8 +87,16 @@ def check(targets, processes: int = 2, alternates: bool = False) -> list[tuple[i
     import functools
     import multiprocessing
 
-    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(pool.map(functools.partial(compile_for_target, alternates=alternates), targets))
+    # The children must start without TRITON_INTERPRET: importing ral_kernels imports torch's
+    # dynamo, which imports triton, which reads the variable once, before any code of ours runs.
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(processes,
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(functools.partial(compile_for_target, alternates=alternates), targets))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
     return [(cc, rec) for cc, recs in zip(targets, results) for rec in recs]
 
 

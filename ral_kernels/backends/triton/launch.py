@@ -34,8 +34,10 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
+def _pow2(x: int, dtype: torch.dtype = torch.float16) -> int:
+    """The padded (block) head dim: a power of two, at least 16 (32 for float32, whose
+    16-wide tiles spill registers in some kernels, see :data:`_TILES`)."""
+    return max(32 if dtype == torch.float32 else 16, triton.next_power_of_2(x))
 
 
 def interpreting() -> bool:
@@ -55,44 +57,60 @@ class Tile(NamedTuple):
 INTERPRETER_TILE = Tile(16, 16, 4, 1)
 
 
-KINDS = ("fwd", "bwd", "div")  # attention forward / statistics, attention backward, divergence passes
+# Passes: attention forward / old-policy statistics, the same with per-head KL fused in,
+# attention backward (and its deterministic dq kernel), the same with the KL fused in,
+# divergence forward, divergence backward.
+KINDS = ("fwd", "fwd_kl", "bwd", "bwd_kl", "div", "div_bwd")
+
+# On a GPU, the head dims the kernels compile for without register spills (the compile check
+# holds them to it): 16-bit inputs up to 128, float32 (IEEE dots, no tensor cores) up to 64.
+GPU_MAX_HEAD_DIM = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64}
+
+# The tile of each pass on sm_80 and sm_90, per input width and padded head dim, found with
+# the compile check (tools/compile_check.py): a tile of the candidates 64x64 ... 16x16 (4 or
+# 8 warps) that compiles without a spill for every kernel and head dim of its column.
+# Columns: 16-bit d <= 32, 16-bit d = 64, 16-bit d = 128, float32 d = 32, float32 d = 64
+# (float32 head dims are padded to at least 32).
+_T = Tile
+_TILES = {
+    80: {"fwd": (_T(64, 64, 4, 2), _T(64, 64, 4, 2), _T(64, 64, 8, 2), _T(32, 32, 4, 1), _T(32, 32, 4, 1)),
+         "fwd_kl": (_T(64, 64, 8, 2), _T(64, 64, 8, 2), _T(16, 32, 4, 1), _T(32, 32, 8, 1), _T(32, 32, 8, 1)),
+         "bwd": (_T(32, 64, 4, 1), _T(32, 64, 4, 1), _T(32, 32, 8, 1), _T(16, 16, 4, 1), _T(32, 16, 4, 1)),
+         "bwd_kl": (_T(16, 32, 4, 1), _T(32, 32, 8, 1), _T(32, 16, 4, 1), _T(16, 16, 4, 1), _T(16, 16, 4, 1)),
+         "div": (_T(64, 64, 4, 1), _T(64, 64, 4, 1), _T(32, 32, 4, 1), _T(16, 32, 4, 1), _T(16, 32, 4, 1)),
+         "div_bwd": (_T(32, 64, 4, 1), _T(64, 32, 8, 1), _T(32, 32, 4, 1), _T(16, 16, 4, 1), _T(16, 16, 4, 1))},
+    90: {"fwd": (_T(64, 64, 4, 2), _T(64, 64, 4, 2), _T(64, 64, 8, 2), _T(32, 32, 4, 1), _T(32, 32, 4, 1)),
+         "fwd_kl": (_T(64, 64, 4, 2), _T(64, 64, 4, 2), _T(64, 64, 8, 2), _T(32, 32, 8, 1), _T(32, 32, 8, 1)),
+         "bwd": (_T(32, 64, 4, 1), _T(32, 64, 4, 1), _T(32, 32, 8, 1), _T(16, 16, 4, 1), _T(16, 16, 4, 1)),
+         "bwd_kl": (_T(16, 32, 4, 1), _T(32, 32, 8, 1), _T(32, 16, 4, 1), _T(16, 32, 4, 1), _T(16, 32, 4, 1)),
+         "div": (_T(64, 64, 4, 1), _T(64, 64, 4, 1), _T(32, 32, 4, 1), _T(16, 32, 4, 1), _T(16, 32, 4, 1)),
+         "div_bwd": (_T(64, 64, 8, 2), _T(64, 64, 8, 2), _T(32, 32, 4, 1), _T(16, 16, 4, 1), _T(16, 16, 4, 1))},
+}
+
+
+def gpu_head_dim_limit(dtype: torch.dtype) -> int:
+    return GPU_MAX_HEAD_DIM.get(dtype, 0)
 
 
 def tile_configs(head_dim: int, dtype: torch.dtype, arch: int = 90, kind: str = "fwd") -> list[Tile]:
-    """The configurations the GPU dispatcher may pick for one kind of pass, a (padded) head
-    dim, dtype and compute capability (80, 86, 89, 90). The dispatcher launches the first;
-    the others are the candidates to time when tuning on a GPU (``RAL_TRITON_TILES``). The
-    compile check (``tools.compile_check``; ``--alternates`` for all of them) requires no
-    register spills and each arch's shared memory: the backward keeps dK and dV of its key
-    block in registers, so its tiles are the smallest; sm_86 / sm_89 (99 KB of shared
-    memory per block) get single-stage pipelines."""
-    wide = dtype == torch.float32 or head_dim > 128
-    if kind == "fwd":
-        if wide:
-            cands = [Tile(32, 32, 4, 1), Tile(64, 32, 8, 1)]
-        elif head_dim > 64:
-            cands = [Tile(64, 64, 8, 2), Tile(64, 32, 4, 2)]
-        else:
-            cands = [Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)]
-    elif kind == "bwd":
-        if wide:
-            cands = [Tile(16, 32, 4, 1), Tile(16, 16, 4, 1)]
-        elif head_dim > 64:
-            cands = [Tile(32, 32, 8, 1), Tile(16, 32, 4, 1)]
-        else:
-            cands = [Tile(32, 64, 4, 1), Tile(32, 32, 4, 1)]
-    elif kind == "div":
-        if wide:
-            cands = [Tile(16, 32, 4, 1), Tile(32, 32, 8, 1)]
-        elif head_dim > 64:
-            cands = [Tile(32, 32, 4, 1), Tile(32, 32, 8, 1)]
-        else:
-            cands = [Tile(64, 64, 4, 1), Tile(32, 32, 4, 1)]
-    else:
+    """The tile the GPU dispatcher launches for one kind of pass (:data:`KINDS`), a padded
+    head dim, dtype and compute capability (80, 86, 89, 90 and later). sm_86 / sm_89 (99 KB
+    of shared memory per block) take sm_80's tiles with single-stage pipelines; later archs
+    sm_90's. ``RAL_TRITON_TILES`` overrides a kind's tile for tuning runs on a GPU. Returned
+    as a list (the dispatcher launches the first)."""
+    if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    limit = gpu_head_dim_limit(dtype)
+    if head_dim > limit:
+        raise ValueError(f"no GPU tile for head dim {head_dim} in {dtype} (at most {limit})")
+    if dtype == torch.float32:
+        col = 3 if head_dim <= 32 else 4
+    else:
+        col = 0 if head_dim <= 32 else (1 if head_dim <= 64 else 2)
+    tile = _TILES[90 if arch >= 90 else 80][kind][col]
     if arch in (86, 89):
-        cands = [t._replace(num_stages=1) for t in cands]
-    return cands
+        tile = tile._replace(num_stages=1)
+    return [tile]
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,7 +198,8 @@ class TritonKernels(pipeline.Kernels):
     fused_kl = True
 
     def prepare(self, q, k, v, q_old, k_old):
-        _check_supported("triton", q, q_old.shape[-1], v.shape[-1], SUPPORTED_DTYPES, MAX_HEAD_DIM)
+        _check_supported("triton", q, q_old.shape[-1], v.shape[-1], SUPPORTED_DTYPES,
+                         gpu_head_dim_limit(q.dtype) if q.device.type == "cuda" else MAX_HEAD_DIM)
         return tuple(_last_dim_contiguous(x) for x in (q, k, v, q_old, k_old))
 
     def prepare_dout(self, dout, q):
@@ -189,7 +208,7 @@ class TritonKernels(pipeline.Kernels):
     # ------------------------------------------------------------------ common launch arguments
     @staticmethod
     def _launch(q, v, q_old, kind: str):
-        bd, bdv, bdo = _pow2(q.shape[-1]), _pow2(v.shape[-1]), _pow2(q_old.shape[-1])
+        bd, bdv, bdo = (_pow2(x.shape[-1], q.dtype) for x in (q, v, q_old))
         tile = _tile(max(bd, bdv, bdo), q.dtype, q.device, kind)
         consts = dict(BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, INPUT_PREC=_prec(q.dtype),
                       num_warps=tile.num_warps, num_stages=tile.num_stages)
@@ -204,12 +223,12 @@ class TritonKernels(pipeline.Kernels):
         dev = q.device
         dv_dim = v.shape[-1] if v is not None else d
         q_old, k_old, off_old = old if old is not None else (q, k, None)
-        tile, dims, consts = self._launch(q, v if v is not None else q, q_old, "fwd")
+        fused = old is not None
+        tile, dims, consts = self._launch(q, v if v is not None else q, q_old, "fwd_kl" if fused else "fwd")
         km, has_km = _kmask(key_mask, q)
         out = _alloc((b, h, n, dv_dim), q.dtype, dev) if v is not None else q
         lse = _alloc((b, h, n), torch.float32, dev)
         lse_s = _alloc((b, h, n_div), torch.float32, dev) if hold else lse
-        fused = old is not None
         div_f = _alloc((b, h, n_div), torch.float32, dev) if fused else lse
         r_mass = _alloc((b, h, n_div), torch.float32, dev) if fused else lse
         kern._attn_fwd_kernel[(triton.cdiv(n, tile.BLOCK_M), b * h)](
@@ -233,12 +252,12 @@ class TritonKernels(pipeline.Kernels):
         return lse, (lse if lse_s is None else lse_s)
 
     # ------------------------------------------------------------------ divergence passes
-    def _div_args(self, q, k, off, q_old, k_old, off_old, key_mask, cfg, r0):
+    def _div_args(self, q, k, off, q_old, k_old, off_old, key_mask, cfg, r0, kind="div"):
         b, hq, tq, d = q.shape
         hk, tk = k.shape[1], k.shape[2]
         ho, hko = q_old.shape[1], k_old.shape[1]
         groups = cfg.groups(hq)
-        tile, dims, consts = self._launch(q, q, q_old, "div")
+        tile, dims, consts = self._launch(q, q, q_old, kind)
         dims.pop("BLOCK_DV")
         km, has_km = _kmask(key_mask, q)
         args = dict(Q=q, K=k, OFF=off, QO=q_old, KO=k_old, OFFO=off_old, KMASK=km,
@@ -277,7 +296,7 @@ class TritonKernels(pipeline.Kernels):
         b, hq, tq, _ = q.shape
         hk, tk = k.shape[1], k.shape[2]
         n_div = tq - r0
-        tile, args = self._div_args(q, k, off, q_old, k_old, off_old, key_mask, cfg, r0)
+        tile, args = self._div_args(q, k, off, q_old, k_old, off_old, key_mask, cfg, r0, "div_bwd")
         groups = args["GROUPS"]
         a_stat = torch.zeros(b, hq, n_div, dtype=torch.float32, device=q.device)
         row_blocks = triton.cdiv(n_div, tile.BLOCK_M)
@@ -302,7 +321,7 @@ class TritonKernels(pipeline.Kernels):
 
     # ------------------------------------------------------------------ attention backward
     def new_grads(self, q, k, v):
-        bd, bdv = _pow2(q.shape[-1]), _pow2(v.shape[-1])
+        bd, bdv = _pow2(q.shape[-1], q.dtype), _pow2(v.shape[-1], q.dtype)
         zeros = functools.partial(torch.zeros, dtype=torch.float32, device=q.device)
         return zeros(*q.shape[:3], bd), zeros(*k.shape[:3], bd), zeros(*v.shape[:3], bdv)
 
@@ -315,7 +334,7 @@ class TritonKernels(pipeline.Kernels):
         hk, tk = k.shape[1], k.shape[2]
         fused = old is not None
         q_old, k_old, off, off_old, w, div_rows = old if fused else (q, k, lse, lse, lse, lse)
-        tile, dims, consts = self._launch(q, v, q_old, "bwd")
+        tile, dims, consts = self._launch(q, v, q_old, "bwd_kl" if fused else "bwd")
         km, has_km = _kmask(key_mask, q)
         args = dict(Q=q, K=k, V=v, DO=dout, LSE=lse.contiguous(), DELTA=delta, KMASK=km, QO=q_old, KO=k_old,
                     OFF=off, OFFO=off_old, W=w, DIVR=div_rows,
@@ -352,8 +371,9 @@ _SMALL_INTS = {"H", "HQ", "HK", "GQA", "GQA_OLD", "GROUPS", "n_heads", "n_old", 
 _UPPER_INTS = {"H", "HQ", "HK", "GQA", "GQA_OLD", "GROUPS", "D", "D_V", "D_O", "Tq", "Tk"}
 # (dtype, padded head dim) pairs the check compiles: fp16 generates bf16's code except at
 # the smallest head dims.
-COMPILE_MATRIX = [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 64),
-                  (torch.float32, 128), (torch.float32, 256), (torch.float16, 16), (torch.float16, 32)]
+# Every tile column of the table, at the head dims a column serves (GPU_MAX_HEAD_DIM).
+COMPILE_MATRIX = [(torch.float16, 16), (torch.float16, 32), (torch.bfloat16, 64), (torch.bfloat16, 128),
+                  (torch.float16, 128), (torch.float32, 32), (torch.float32, 64)]
 
 
 def _signature_and_hints(fn, dtype: torch.dtype, aligned: bool):
@@ -392,15 +412,16 @@ def kernel_specs(arch: int, aligned: bool = True, alternates: bool = False):
     KL) as well as their common plain form."""
     kernels = [
         ("fwd", "fwd", kern._attn_fwd_kernel, dict(HAS_V=True, HOLD_SELF=False, FUSED_KL=0)),
-        ("fwd-self-rkl", "fwd", kern._attn_fwd_kernel, dict(HAS_V=True, HOLD_SELF=True, FUSED_KL=2)),
+        ("fwd-self-rkl", "fwd_kl", kern._attn_fwd_kernel, dict(HAS_V=True, HOLD_SELF=True, FUSED_KL=2)),
         ("stats", "fwd", kern._attn_fwd_kernel, dict(HAS_V=False, HOLD_SELF=True, FUSED_KL=0)),
         ("div-fwd-jsd", "div", kern._div_fwd_kernel, dict(DIVERGENCE=0)),
-        ("div-bwd-atomic", "div", kern._div_bwd_kernel,
+        ("div-bwd-atomic", "div_bwd", kern._div_bwd_kernel,
          dict(KEY_MAJOR=False, ATOMIC=True, DIVERGENCE=0, PER_HEAD=False)),
-        ("div-bwd-keys", "div", kern._div_bwd_kernel, dict(KEY_MAJOR=True, ATOMIC=False, DIVERGENCE=1, PER_HEAD=True)),
+        ("div-bwd-keys", "div_bwd", kern._div_bwd_kernel, dict(KEY_MAJOR=True, ATOMIC=False, DIVERGENCE=1, PER_HEAD=True)),
         ("bwd", "bwd", kern._attn_bwd_kernel, dict(ATOMIC_DQ=True, FUSED_KL=0)),
-        ("bwd-rkl", "bwd", kern._attn_bwd_kernel, dict(ATOMIC_DQ=True, FUSED_KL=2)),
-        ("bwd-dq", "bwd", kern._attn_bwd_dq_kernel, dict(FUSED_KL=1)),
+        ("bwd-rkl", "bwd_kl", kern._attn_bwd_kernel, dict(ATOMIC_DQ=True, FUSED_KL=2)),
+        ("bwd-dq", "bwd", kern._attn_bwd_dq_kernel, dict(FUSED_KL=0)),
+        ("bwd-dq-kl", "bwd_kl", kern._attn_bwd_dq_kernel, dict(FUSED_KL=1)),
     ]
     jobs = [(dt, hd, tile, name, fn, flags) for name, kind, fn, flags in kernels for dt, hd in COMPILE_MATRIX
             for tile in tile_configs(hd, dt, arch, kind)[:None if alternates else 1]]
