@@ -193,7 +193,8 @@ def measure(shape: WorkShape) -> dict:
     report["fwd+bwd"] = dict(flops_vs_fa2=tot_flops / (ref["fwd_flops"] + ref["bwd_flops"]),
                              transcendental_per_causal_element=tot_tr / ref["causal_elements"],
                              fa2_transcendental_per_causal_element=(ref["fwd_transcendental"] +
-                                                                   ref["bwd_transcendental"]) / ref["causal_elements"])
+                                                                   ref["bwd_transcendental"]) / ref["causal_elements"],
+                             transcendental_vs_fa2=tot_tr / (ref["fwd_transcendental"] + ref["bwd_transcendental"]))
     return report
 
 
@@ -220,8 +221,11 @@ PRESET_CASES = {
                 dict(heads=32, kv_heads=8, head_dim=128, seq_len=8192, div_rows=8192, divergence="jsd",
                      head_reduction="mean")],
 }
-GOALS = {  # SPEC's work budget, against FA2 (issue 11)
-    ("shape-A", "jsd", "mean"): {"fwd+bwd": 1.3, "transcendental": 3.0},
+# SPEC's work budget, against FA2's work with the same tiles (issue 11). exp+log is bounded
+# as a ratio, 1.5x FA2's ("3 against its 2" per causal element and head at full size): at
+# the scaled-down sizes the masked diagonal tiles are a larger share of both counts.
+GOALS = {
+    ("shape-A", "jsd", "mean"): {"fwd+bwd": 1.3, "transcendental": 1.5},
     ("shape-B", "kl", "none"): {"fwd": 1.6, "bwd": 1.8},
     ("shape-B", "jsd", "mean"): {"fwd+bwd": 2.2},
 }
@@ -251,9 +255,9 @@ def format_report(rep: dict, goal: Optional[dict] = None) -> str:
     lines.append(f"vs FlashAttention-2 (same tiles): fwd {rep['fwd']['flops_vs_fa2']:.2f}x, bwd "
                  f"{rep['bwd']['flops_vs_fa2']:.2f}x, fwd+bwd {fb['flops_vs_fa2']:.2f}x; exp+log per causal "
                  f"element and head {fb['transcendental_per_causal_element']:.2f} (FA2 "
-                 f"{fb['fa2_transcendental_per_causal_element']:.2f})")
+                 f"{fb['fa2_transcendental_per_causal_element']:.2f}, {fb['transcendental_vs_fa2']:.2f}x)")
     if goal:
-        lines.append("goal: " + ", ".join(f"{k} <= {v}" for k, v in goal.items()))
+        lines.append("goal (x FA2): " + ", ".join(f"{k} <= {v}" for k, v in goal.items()))
     return "\n".join(lines)
 
 
@@ -262,7 +266,7 @@ def check_goal(rep: dict, goal: dict) -> list[str]:
     misses = []
     for key, bound in goal.items():
         if key == "transcendental":
-            got = rep["fwd+bwd"]["transcendental_per_causal_element"]
+            got = rep["fwd+bwd"]["transcendental_vs_fa2"]
         else:
             got = rep[key]["flops_vs_fa2"]
         if got > bound:
