@@ -106,10 +106,11 @@ def test_opcheck_registered_ops():
     x = make_inputs(case, torch.float32, seed=7)
     q, k, v = (hf_layout(x[n]).requires_grad_() for n in ("q", "k", "v"))
     args = (q, k, v, x["q_old"], x["k_old"], None, None, x["key_mask"], True, 0.35, 0.35, "jsd", "mean",
-            True, "torch")
+            True, False, "torch")
     torch.library.opcheck(ops.fused_attn_kl_fwd, args)
     res = [r.detach() for r in ops.fused_attn_kl_fwd(*args)]
     dout = hf_layout(torch.randn_like(res[0]))
     bwd_args = (dout, torch.randn_like(res[1]), q.detach(), k.detach(), v.detach(), x["q_old"], x["k_old"],
-                *res[0:1], *res[2:], x["key_mask"], True, 0.35, 0.35, "jsd", "mean", True, "torch")
+                *res, x["key_mask"], True, 0.35, 0.35, "jsd", "mean", True, False,
+                "torch")
     torch.library.opcheck(ops.fused_attn_kl_bwd, bwd_args)
