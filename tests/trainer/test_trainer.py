@@ -129,7 +129,7 @@ def test_offload_setting_reaches_the_capture(monkeypatch):
 def test_runtime_guard_warns_when_weights_cannot_move():
     t = _trainer(lr=0.0)
     t.zero_guard.patience = 2
-    with pytest.warns(ZeroAttentionTermWarning, match="exactly 0 on 2 consecutive updates"):
+    with pytest.warns(ZeroAttentionTermWarning, match="0 to rounding .* on 2 consecutive updates"):
         while not t.zero_guard.warned and t.step < 4:  # a step whose rewards are all equal is not judged
             t.train_step()
     assert t.zero_guard.warned

@@ -241,7 +241,7 @@ def test_runtime_guard_warns_when_the_divergence_stays_zero(tmp_path):
     every update after an optimizer step sees exactly θ_old."""
     tr = make_trainer(tmp_path, num_iterations=2, learning_rate=0.0, max_steps=4)
     tr.ral_zero_guard.patience = 2
-    with pytest.warns(ZeroAttentionTermWarning, match="exactly 0 on 2 consecutive updates"):
+    with pytest.warns(ZeroAttentionTermWarning, match="0 to rounding .* on 2 consecutive updates"):
         tr.train()
     assert tr.ral_zero_guard.warned
 
