@@ -42,7 +42,7 @@ def _ptxas_report(ptx: str, cc: int) -> dict:
     return {"registers": f.get("registers"), "spill": f.get("spill_stores", 0) + f.get("spill_loads", 0)}
 
 
-def compile_for_target(cc: int, aligned: bool = True, alternates: bool = False) -> list[dict]:
+def compile_for_target(cc: int, aligned: bool = True) -> list[dict]:
     """One record per kernel configuration: label, registers, spill bytes, shared bytes,
     and a problem or None."""
     os.environ.pop("TRITON_INTERPRET", None)
@@ -53,7 +53,7 @@ def compile_for_target(cc: int, aligned: bool = True, alternates: bool = False) 
     from ..backends.triton.launch import kernel_specs
 
     records = []
-    for label, fn, sig, const, attrs, options in kernel_specs(cc, aligned, alternates):
+    for label, fn, sig, const, attrs, options in kernel_specs(cc, aligned):
         if type(fn).__name__ != "JITFunction":
             raise RuntimeError("the kernels were imported under TRITON_INTERPRET=1; run the compile check "
                                "in a fresh process")
@@ -81,10 +81,9 @@ def compile_for_target(cc: int, aligned: bool = True, alternates: bool = False) 
     return records
 
 
-def check(targets, processes: int = 2, alternates: bool = False) -> list[tuple[int, dict]]:
+def check(targets, processes: int = 2) -> list[tuple[int, dict]]:
     """:func:`compile_for_target` for each target, in fresh processes (the kernels must be
     compiled by triton's compiler, not wrapped by an interpreter a caller may run under)."""
-    import functools
     import multiprocessing
 
     # The children must start without TRITON_INTERPRET: importing ral_kernels imports torch's
@@ -93,7 +92,7 @@ def check(targets, processes: int = 2, alternates: bool = False) -> list[tuple[i
     try:
         with concurrent.futures.ProcessPoolExecutor(processes,
                                                     mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(functools.partial(compile_for_target, alternates=alternates), targets))
+            results = list(pool.map(compile_for_target, targets))
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
@@ -102,10 +101,9 @@ def check(targets, processes: int = 2, alternates: bool = False) -> list[tuple[i
 
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    alternates = "--alternates" in args
-    targets = [int(a) for a in args if a != "--alternates"] or [80, 90]
+    targets = [int(a) for a in args] or [80, 90]
     bad = 0
-    for cc, rec in check(targets, alternates=alternates):
+    for cc, rec in check(targets):
         status = rec["problem"] or (f"ok, {rec['registers']} registers, {rec['spill']} B spills, "
                                     f"{rec['shared']} B shared")
         bad += rec["problem"] is not None

@@ -2,9 +2,9 @@
 
 :class:`TritonKernels` implements the passes of :mod:`ral_kernels.backends.pipeline`
 (which strings them together with the per-row glue); every kernel is launched by keyword.
-Tile sizes come from a short per-architecture, per-pass table (:func:`tile_configs`: a
-default and alternates to time on a GPU, ``RAL_TRITON_TILES``); Triton's interpreter
-(``TRITON_INTERPRET=1``, the CPU tests) runs one small tile.
+Tile sizes come from a per-architecture, per-pass table (:func:`tile_configs`, checked
+spill-free by ``tools.compile_check``; ``RAL_TRITON_TILES`` overrides it for tuning runs);
+Triton's interpreter (``TRITON_INTERPRET=1``, the CPU tests) runs one small tile.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
@@ -369,9 +369,8 @@ _INPUT_PTRS = {"Q", "K", "V", "O", "QO", "KO", "DO"}
 # value (1, or divisible by 16) only by chance, so the compile check gives them no hint.
 _SMALL_INTS = {"H", "HQ", "HK", "GQA", "GQA_OLD", "GROUPS", "n_heads", "n_old", "r0", "pos0"}
 _UPPER_INTS = {"H", "HQ", "HK", "GQA", "GQA_OLD", "GROUPS", "D", "D_V", "D_O", "Tq", "Tk"}
-# (dtype, padded head dim) pairs the check compiles: fp16 generates bf16's code except at
-# the smallest head dims.
-# Every tile column of the table, at the head dims a column serves (GPU_MAX_HEAD_DIM).
+# (dtype, padded head dim) pairs the compile check compiles: every column of the tile table,
+# at the head dims it serves (up to GPU_MAX_HEAD_DIM).
 COMPILE_MATRIX = [(torch.float16, 16), (torch.float16, 32), (torch.bfloat16, 64), (torch.bfloat16, 128),
                   (torch.float16, 128), (torch.float32, 32), (torch.float32, 64)]
 
@@ -400,9 +399,8 @@ def _signature_and_hints(fn, dtype: torch.dtype, aligned: bool):
     return sig, attrs
 
 
-def kernel_specs(arch: int, aligned: bool = True, alternates: bool = False):
-    """Every kernel configuration the GPU dispatcher launches on ``arch`` (with
-    ``alternates``, also the other tiles of :func:`tile_configs`, for tuning on a GPU), as
+def kernel_specs(arch: int, aligned: bool = True):
+    """Every kernel configuration the GPU dispatcher launches on ``arch``, as
     ``(label, kernel, signature, constexprs, attrs, options)`` for
     ``triton.compile(ASTSource(...), target=...)`` (no GPU needed). ``aligned``: with the
     divisibility hints the runtime JIT attaches for aligned tensors and lengths (a
@@ -424,7 +422,7 @@ def kernel_specs(arch: int, aligned: bool = True, alternates: bool = False):
         ("bwd-dq-kl", "bwd_kl", kern._attn_bwd_dq_kernel, dict(FUSED_KL=1)),
     ]
     jobs = [(dt, hd, tile, name, fn, flags) for name, kind, fn, flags in kernels for dt, hd in COMPILE_MATRIX
-            for tile in tile_configs(hd, dt, arch, kind)[:None if alternates else 1]]
+            for tile in tile_configs(hd, dt, arch, kind)]
     for dtype, hd, tile, name, fn, flags in jobs:
         names = {p.name for p in fn.params}
         const = {"CAUSAL": True, "HAS_KMASK": True, "EXCLUDE_SELF": True, "INPUT_PREC": _prec(dtype),
