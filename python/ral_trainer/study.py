@@ -20,8 +20,9 @@ tiny random Qwen2.5-VL (the ``ral-train`` model):
   ``--ral-coef`` skips the sweep;
 - every RAL run records, per rollout step, the norm of the attention term's gradient over
   the token loss's (``ral_grad_ratio_raw``, without λ; ``ral_grad_ratio``, as applied).
-  That raw ratio is about 1e-3, varies tenfold from step to step and shrinks as the grid
-  grows, so a raw λ means something else at every grid; the study therefore uses
+  That raw ratio (means of 6e-3 to 1.4e-2 per grid and method in the committed study,
+  ``benchmarks/results/ral_scaling_cpu``) varies tenfold from step to step, so a raw λ
+  means something else from step to step and grid to grid; the study therefore uses
   ``--ral-norm grad`` by default (the term's gradient rescaled to ``λ ×`` the token loss's
   gradient norm per optimizer step: λ is the term's relative gradient size at every grid);
   ``--ral-norm none`` is the paper's plain ``L_tok + λ·L_RAL``;
