@@ -53,8 +53,9 @@ class Tile(NamedTuple):
     num_stages: int
 
 
-# The interpreter's tile: small, so the tests' odd sizes cross several tiles.
-INTERPRETER_TILE = Tile(16, 16, 4, 1)
+# The interpreter's tile: small, so the tests' odd sizes cross several tiles, and not square
+# (as most GPU tiles in _TILES are not), so the diagonal-tile masking is tested for that.
+INTERPRETER_TILE = Tile(32, 16, 4, 1)
 
 
 # Passes: attention forward / old-policy statistics, the same with per-head KL fused in,
